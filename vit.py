@@ -1,0 +1,414 @@
+"""
+The Vision Transformer shared by every stage of MAE-CT, and what belongs to it:
+blocks, random masking, pooling, the attention backend, checkpoint loading
+(this project's, facebookresearch/mae's and the MAE-CT releases') and the
+optimizer parameter groups (weight decay, layer-wise lr decay).
+
+Parameter names are those of facebookresearch/mae and timm's VisionTransformer
+(cls_token, pos_embed, patch_embed.proj, blocks.{i}.norm1/attn.qkv/attn.proj/
+norm2/mlp.fc1/mlp.fc2, norm), so the encoder's state dict loads unchanged into
+timm's model of the same size and back.
+
+    from vit import load_encoder, pool
+    enc = load_encoder("ct.pt")          # eval mode, on CPU, built from the file alone
+    tokens = enc(images)                 # (B, 1+N, D) after the final norm
+    feats = pool(tokens, "mean")         # (B, D)
+"""
+import math
+import os
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:  # flash-attn 2.x; optional. (The 1.x module name differs; we do not fall back to it silently.)
+    from flash_attn import flash_attn_qkvpacked_func
+except Exception:
+    flash_attn_qkvpacked_func = None
+
+# -----------------------------------------------------------------------------
+# model sizes: name -> (dim, depth, heads, patch). Any field can be overridden.
+PRESETS = {
+    "vit_micro": (96, 6, 3, 16),     # for tests
+    "vit_tiny": (192, 12, 3, 16),
+    "vit_small": (384, 12, 6, 16),
+    "vit_b16": (768, 12, 12, 16),
+    "vit_l16": (1024, 24, 16, 16),
+    "vit_h16": (1280, 32, 16, 16),
+    "vit_h14": (1280, 32, 16, 14),
+}
+# depth and heads follow from the width for the released models
+DEPTH_HEADS = {192: (12, 3), 384: (12, 6), 768: (12, 12), 1024: (24, 16), 1280: (32, 16)}
+
+
+def model_args_from_preset(name, img_size=224, patch_size=None, dim=None, depth=None, heads=None):
+    """The plain dict stored in every checkpoint, from which ViT(**args) rebuilds the model."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown --model {name!r}; choose from {', '.join(PRESETS)}")
+    d, L, h, p = PRESETS[name]
+    args = dict(img_size=img_size, patch_size=patch_size or p, dim=dim or d, depth=depth or L,
+                heads=heads or h)
+    check_model_args(**args)
+    return args
+
+
+def check_model_args(img_size, patch_size, dim, depth, heads):
+    if img_size % patch_size != 0:
+        raise ValueError(f"image size {img_size} is not divisible by patch size {patch_size}")
+    if dim % heads != 0:
+        raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+    if dim % 4 != 0:
+        raise ValueError(f"dim {dim} must be divisible by 4 for the 2-D sin-cos position embedding")
+
+# -----------------------------------------------------------------------------
+# fixed 2-D sin-cos position embedding (as in MAE)
+
+def sincos_pos_embed(dim, grid_size, cls_token=True):
+    """(1 + grid², dim) float32, first row zero for CLS. As in facebookresearch/mae, the first
+    half of the channels encodes the column index, the second half the row index; each half is
+    [sin(pos·ω), cos(pos·ω)] with ω_i = 1 / 10000^(i / (dim/4)), i = 0 .. dim/4 - 1."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    pos = torch.arange(grid_size, dtype=torch.float64)
+    rows, cols = torch.meshgrid(pos, pos, indexing="ij")  # (G, G) each, row-major token order
+
+    def emb_1d(p):  # (G*G,) -> (G*G, dim/2)
+        out = p.reshape(-1, 1) * omega.reshape(1, -1)
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+    emb = torch.cat([emb_1d(cols), emb_1d(rows)], dim=1)  # (G*G, dim)
+    if cls_token:
+        emb = torch.cat([torch.zeros(1, dim, dtype=torch.float64), emb], dim=0)
+    return emb.float()
+
+# -----------------------------------------------------------------------------
+# attention backend: "auto" = flash-attn when installed and the input is CUDA fp16/bf16, else SDPA
+# (which itself picks flash / memory-efficient kernels on CUDA). "math" is the plain formula,
+# for benchmarks and tests. Set with set_attn_backend().
+
+ATTN_BACKEND = "auto"
+_announced = set()
+
+
+def set_attn_backend(name):
+    global ATTN_BACKEND
+    if name not in ("auto", "flash_attn", "sdpa", "math"):
+        raise ValueError(f"unknown attention backend {name!r}")
+    if name == "flash_attn" and flash_attn_qkvpacked_func is None:
+        raise ValueError("attention backend flash_attn asked for, but flash-attn is not installed")
+    ATTN_BACKEND = name
+
+
+def _announce(name):
+    if name not in _announced and not torch.compiler.is_compiling():
+        _announced.add(name)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"vit: attention backend = {name}", file=sys.stderr)
+
+
+def attention(qkv):
+    """qkv: (B, N, 3, H, hd) -> (B, N, H*hd). softmax(q kᵀ / sqrt(hd)) v."""
+    B, N, _, H, hd = qkv.shape
+    backend = ATTN_BACKEND
+    if backend == "auto":
+        flash_ok = (flash_attn_qkvpacked_func is not None and qkv.is_cuda
+                    and qkv.dtype in (torch.float16, torch.bfloat16))
+        backend = "flash_attn" if flash_ok else "sdpa"
+    _announce(backend)
+    if backend == "flash_attn":
+        return flash_attn_qkvpacked_func(qkv).reshape(B, N, H * hd)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, hd)
+    if backend == "sdpa":
+        out = F.scaled_dot_product_attention(q, k, v)
+    else:  # math
+        att = (q @ k.transpose(-2, -1)) * hd ** -0.5
+        out = att.softmax(dim=-1) @ v
+    return out.transpose(1, 2).reshape(B, N, H * hd)
+
+# -----------------------------------------------------------------------------
+# the model
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.heads, C // self.heads)
+        return self.proj(attention(qkv))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block, no LayerScale / drop-path / dropout."""
+
+    def __init__(self, dim, heads, mlp_ratio=4):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, dim * mlp_ratio)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, N, D), row-major patches
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def init_weights(module):
+    """REFERENCE init: Linear xavier_uniform / bias 0, LayerNorm 1 / 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def random_masking(x, mask_ratio, noise=None):
+    """Per-sample random masking by argsort of uniform noise (MAE).
+    x: (B, L, D). Returns x_kept (B, K, D) with K = int(L * (1 - mask_ratio)),
+    mask (B, L) with 1 = removed, 0 = kept (in the original patch order), and
+    ids_restore (B, L) that puts the shuffled sequence back in order."""
+    B, L, D = x.shape
+    keep = int(L * (1 - mask_ratio))
+    if noise is None:
+        noise = torch.rand(B, L, device=x.device)
+    ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :keep]
+    x_kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))
+    mask = torch.ones(B, L, device=x.device)
+    mask[:, :keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    return x_kept, mask, ids_restore
+
+
+class ViT(nn.Module):
+    def __init__(self, img_size=224, patch_size=16, dim=768, depth=12, heads=12):
+        super().__init__()
+        check_model_args(img_size, patch_size, dim, depth, heads)
+        self.args = dict(img_size=img_size, patch_size=patch_size, dim=dim, depth=depth, heads=heads)
+        self.depth = depth
+        self.grid = img_size // patch_size
+        self.num_patches = self.grid ** 2
+        self.patch_embed = PatchEmbed(patch_size, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        # fixed, not learned; a persistent buffer so it is in the state dict as timm/MAE expect
+        self.register_buffer("pos_embed", sincos_pos_embed(dim, self.grid).unsqueeze(0))  # (1, 1+N, D)
+        self.blocks = nn.ModuleList([Block(dim, heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        init_weights(self)
+        w = self.patch_embed.proj.weight.data  # xavier on the (D, 3*P*P) view, like a Linear
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    def forward_masked(self, imgs, mask_ratio=0.0, noise=None, no_grad_blocks=0):
+        """imgs (B, 3, H, W) -> tokens (B, 1+K, D) after the final norm, mask (B, N) or None,
+        ids_restore (B, N) or None. The patch embedding and the first `no_grad_blocks` blocks run
+        without autograd: they are frozen, so storing their activations would be wasted memory."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and no_grad_blocks == 0):
+            x = self.patch_embed(imgs) + self.pos_embed[:, 1:]  # position added before masking
+            mask = ids_restore = None
+            if mask_ratio > 0:
+                x, mask, ids_restore = random_masking(x, mask_ratio, noise)
+            cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+            x = torch.cat([cls, x], dim=1)  # (B, 1+K, D)
+        for i, blk in enumerate(self.blocks):
+            if i < no_grad_blocks:
+                with torch.no_grad():
+                    x = blk(x)
+            else:
+                x = blk(x)
+        return self.norm(x), mask, ids_restore
+
+    def forward(self, imgs, no_grad_blocks=0):
+        """imgs (B, 3, H, W) -> all tokens after the final norm, (B, 1+N, D)."""
+        return self.forward_masked(imgs, 0.0, no_grad_blocks=no_grad_blocks)[0]
+
+
+def pool(tokens, how):
+    """(B, 1+N, D) -> (B, D): the CLS token, or the mean of the patch tokens."""
+    if how == "cls":
+        return tokens[:, 0]
+    if how == "mean":
+        return tokens[:, 1:].mean(dim=1)
+    raise ValueError(f"unknown pooling {how!r}; use cls or mean")
+
+
+def flops_per_image(args, tokens=None):
+    """Forward matmul FLOPs (2 per multiply-add) of the encoder on `tokens` tokens (default 1+N)."""
+    D, L, P = args["dim"], args["depth"], args["patch_size"]
+    N = (args["img_size"] // P) ** 2
+    T = 1 + N if tokens is None else tokens
+    per_block = 2 * T * (12 * D * D) + 2 * 2 * T * T * D  # qkv+proj+mlp, then q@k and att@v
+    return L * per_block + 2 * N * D * 3 * P * P
+
+# -----------------------------------------------------------------------------
+# optimizer groups: no weight decay on biases and 1-D tensors; layer-wise lr decay
+
+def layer_id(name, depth):
+    """0 for patch embedding / cls / pos, b+1 for blocks.b, depth+1 for everything above."""
+    if name.startswith(("cls_token", "pos_embed", "patch_embed")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def param_groups(model, weight_decay, layer_decay=1.0, prefix=""):
+    """Parameter groups for AdamW; each group carries "lr_scale" (multiply the lr by it).
+    With layer_decay d < 1, block b of a depth-L encoder gets d^(L - b), the patch embedding
+    d^(L + 1), the final norm 1. Only parameters that require grad are included."""
+    depth = getattr(model, "depth", 0)
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim <= 1 or name.endswith(".bias")
+        scale = layer_decay ** (depth + 1 - layer_id(name, depth)) if layer_decay != 1.0 else 1.0
+        key = (no_decay, scale)
+        if key not in groups:
+            groups[key] = dict(params=[], names=[], weight_decay=0.0 if no_decay else weight_decay,
+                               lr_scale=scale)
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(prefix + name)
+    return list(groups.values())
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+def load_checkpoint(path, expect=None):
+    """torch.load with one clear error line for a missing, truncated or foreign file.
+    expect: a stage name ("mae", "nnclr_head", "ct", ...) that this project's file must have."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ValueError(f"cannot read checkpoint {path} (truncated or not a torch file?): "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a dict")
+    if expect is not None:
+        found = ckpt.get("stage", "a foreign (non-maect) file")
+        if found not in ((expect,) if isinstance(expect, str) else tuple(expect)):
+            raise ValueError(f"checkpoint {path}: expected a {expect} checkpoint, found {found}")
+    return ckpt
+
+
+def encoder_state(ckpt, path="checkpoint", which="ema"):
+    """Find the encoder's state dict in any supported format. Returns (state_dict, model_args or
+    None, note). Formats: this project's ({"stage": ..., "encoder": ..., "model_args": ...}, with
+    "encoder_ema" after contrastive tuning), facebookresearch/mae ({"model": ...}, decoder keys
+    dropped), MAE-CT releases (flat, or {"state_dict": ...}; pos_embed without the CLS row)."""
+    note = None
+    if "stage" in ckpt:
+        if "encoder" not in ckpt:
+            origin = ckpt.get("encoder_init", "?")
+            raise ValueError(f"{path} is a {ckpt['stage']} checkpoint and holds no encoder "
+                             f"(its encoder came from {origin}); pass an encoder checkpoint")
+        if which == "ema" and "encoder_ema" in ckpt:
+            sd = ckpt["encoder_ema"]
+        elif which in ("ema", "online"):
+            sd = ckpt["encoder"]
+        else:
+            raise ValueError(f"which must be 'ema' or 'online', got {which!r}")
+        return dict(sd), dict(ckpt["model_args"]), note
+    if "model" in ckpt and isinstance(ckpt["model"], dict):
+        sd = ckpt["model"]
+    elif "state_dict" in ckpt and isinstance(ckpt["state_dict"], dict):
+        sd = ckpt["state_dict"]
+    else:
+        sd = ckpt
+    if "cls_token" not in sd or "patch_embed.proj.weight" not in sd:
+        keys = ", ".join(list(sd)[:8])
+        raise ValueError(f"{path} is not a ViT checkpoint: no cls_token / patch_embed.proj.weight "
+                         f"(top-level keys: {keys}{', ...' if len(sd) > 8 else ''})")
+    dropped = [k for k in sd if k.startswith("decoder") or k == "mask_token"]
+    if dropped:
+        note = f"{path}: ignoring {len(dropped)} decoder keys (MAE decoder)"
+        sd = {k: v for k, v in sd.items() if k not in dropped}
+    return dict(sd), None, note
+
+
+def infer_model_args(sd, path="checkpoint"):
+    """Model args from the shapes of a foreign state dict: D from cls_token, P from the patch
+    conv, depth by counting blocks, heads from D (REFERENCE: 768 → 12, 1024/1280 → 16)."""
+    D = sd["cls_token"].shape[-1]
+    P = sd["patch_embed.proj.weight"].shape[-1]
+    depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
+    heads = DEPTH_HEADS.get(D, (depth, max(1, D // 64)))[1]
+    if "pos_embed" not in sd:
+        raise ValueError(f"{path}: no pos_embed, cannot tell the image size")
+    n = sd["pos_embed"].shape[1]
+    grid = math.isqrt(n)
+    if grid * grid != n:  # has a CLS row
+        grid = math.isqrt(n - 1)
+        if grid * grid != n - 1:
+            raise ValueError(f"{path}: pos_embed has {n} rows, not a square grid (+1)")
+    return dict(img_size=grid * P, patch_size=P, dim=D, depth=depth, heads=heads)
+
+
+def load_state_strict(model, sd, path="checkpoint"):
+    """load_state_dict(strict) that names every missing, unexpected or mis-shaped key.
+    A pos_embed without the CLS row (MAE-CT releases) gets its zero row back first."""
+    own = model.state_dict()
+    pe = sd.get("pos_embed")
+    if pe is not None and "pos_embed" in own and pe.shape[1] + 1 == own["pos_embed"].shape[1]:
+        sd = dict(sd, pos_embed=torch.cat([torch.zeros_like(pe[:, :1]), pe], dim=1))
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        def few(xs):
+            return ", ".join(xs[:6]) + (f" (+{len(xs) - 6} more)" if len(xs) > 6 else "")
+        parts = [f"missing keys: {few(missing)}" if missing else "",
+                 f"unexpected keys: {few(unexpected)}" if unexpected else "",
+                 f"mis-shaped: {few(shapes)}" if shapes else ""]
+        raise ValueError(f"{path} does not fit the model: " + "; ".join(p for p in parts if p))
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+def load_encoder(path, which="ema", img_size=None, verbose=True):
+    """Build the encoder from a checkpoint file alone: eval mode, on CPU, float32.
+    which: for contrastive-tuning checkpoints, "ema" (default, what the authors evaluate) or
+    "online". img_size: build for another resolution (the fixed sin-cos position embedding is
+    recomputed; the file's own pos_embed is then not used)."""
+    ckpt = load_checkpoint(path)
+    sd, args, note = encoder_state(ckpt, path, which)
+    if note and verbose:
+        print(note, file=sys.stderr)
+    if args is None:
+        args = infer_model_args(sd, path)
+    if img_size is not None and img_size != args["img_size"]:
+        args = dict(args, img_size=img_size)
+        sd = {k: v for k, v in sd.items() if k != "pos_embed"}
+        sd["pos_embed"] = sincos_pos_embed(args["dim"], img_size // args["patch_size"]).unsqueeze(0)
+    model = ViT(**args)
+    load_state_strict(model, sd, path)
+    return model.eval()
