@@ -413,17 +413,19 @@ def main(args):
             lr_now = get_lr(iter_num, lr, args.min_lr, warmup_iters, max_iters)
             for g in optimizer.param_groups:
                 g["lr"] = lr_now * g["lr_scale"]
+            # masking noise for the whole global batch, a function of (seed, iteration) alone: resume needs
+            # no RNG state, and each sample's mask is the same for any number of processes / micro-steps
+            g = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + iter_num)
+            noise = torch.rand(args.batch_size * args.views, raw_model.num_patches, device=device, generator=g)
             loss_sum = 0.0
             for micro in range(args.grad_accum):
                 x, _, _ = next(batches)  # (b, V, 3, S, S) uint8
                 x = normalize(x.to(device, non_blocking=True).flatten(0, 1))  # views become batch entries
-                # every random draw is a function of (seed, iteration, rank, micro-step): resume needs no RNG state
-                g = torch.Generator(device=device).manual_seed(((args.seed * 1_000_003 + iter_num) * 1009 + ddp_rank) * 101 + micro)
-                noise = torch.rand(x.shape[0], raw_model.num_patches, device=device, generator=g)
+                first = (ddp_rank * args.grad_accum + micro) * micro_batch * args.views  # position in the global batch
                 if ddp:  # sync gradients on the last micro-step only
                     model.require_backward_grad_sync = micro == args.grad_accum - 1
                 with autocast:
-                    loss = model(x, args.mask_ratio, noise)[0]
+                    loss = model(x, args.mask_ratio, noise[first:first + x.shape[0]])[0]
                 scaler.scale(loss / args.grad_accum).backward()
                 loss_sum += loss.item() / args.grad_accum
             if not math.isfinite(loss_sum):
