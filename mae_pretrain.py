@@ -437,6 +437,10 @@ def main(args):
             imgs_seen += args.batch_size
             pbar.update(1)
             if iter_num % args.log_interval == 0 or iter_num == max_iters:
+                if ddp:  # log the loss of the global batch, not only rank 0's share
+                    t = torch.tensor(loss_sum, device=device)
+                    dist.all_reduce(t)
+                    loss_sum = t.item() / ddp_world_size
                 dt = time.time() - t0
                 entry = dict(iter=iter_num, epoch=round(iter_num / steps_per_epoch, 3), loss=round(loss_sum, 5),
                              lr=lr_now, img_per_s=round(imgs_seen / dt, 1))

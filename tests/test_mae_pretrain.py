@@ -1,0 +1,249 @@
+"""Stage 1: MAE pieces against references written here, and the script run end to end
+(single process, 2-process torchrun on gloo, SIGTERM + resume, bad inputs)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import mae_pretrain
+import vit
+from conftest import ROOT, make_image_folder, run_script, run_torchrun
+
+TINY = ["--model", "vit_micro", "--img_size", "32", "--patch_size", "4", "--dec_dim", "32", "--dec_depth", "1",
+        "--dec_heads", "2", "--num_workers", "0", "--warmup_epochs", "1", "--log_interval", "1"]
+
+
+def tiny_mae(seed=0):
+    torch.manual_seed(seed)
+    return mae_pretrain.MAE(img_size=16, patch_size=4, dim=48, depth=2, heads=3, dec_dim=32, dec_depth=1, dec_heads=2)
+
+
+def test_patchify_order_and_round_trip():
+    m = tiny_mae()
+    imgs = torch.randn(2, 3, 16, 16)
+    p = m.patchify(imgs)
+    assert p.shape == (2, 16, 4 * 4 * 3)
+    # patch n = (row, col) in row-major order; inside it (ph, pw, c) with the channel last
+    for n, (r, c) in enumerate((r, c) for r in range(4) for c in range(4)):
+        ref = imgs[:, :, 4 * r:4 * r + 4, 4 * c:4 * c + 4].permute(0, 2, 3, 1).reshape(2, -1)
+        assert torch.equal(p[:, n], ref)
+    assert torch.equal(m.unpatchify(p), imgs)
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_loss_against_float64_formula(norm_pix):
+    m = tiny_mae()
+    m.norm_pix_loss = norm_pix
+    imgs = torch.randn(3, 3, 16, 16)
+    noise = torch.rand(3, 16, generator=torch.Generator().manual_seed(3))
+    loss, pred, mask = m(imgs, 0.75, noise)
+    # reference: patchify by hand, unbiased per-patch variance, MSE per patch, mean over removed patches
+    x = imgs.double().numpy().reshape(3, 3, 4, 4, 4, 4).transpose(0, 2, 4, 3, 5, 1).reshape(3, 16, 48)
+    if norm_pix:
+        x = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, ddof=1, keepdims=True) + 1e-6)
+    per_patch = ((pred.double().detach().numpy() - x) ** 2).mean(-1)
+    removed = np.zeros((3, 16))
+    for b in range(3):
+        removed[b, np.argsort(noise[b].numpy())[4:]] = 1  # 12 of 16 removed
+    assert np.array_equal(mask.numpy(), removed)
+    ref = (per_patch * removed).sum() / removed.sum()
+    assert abs(loss.item() - ref) < 1e-5
+
+
+def test_decoder_names_are_facebooks():
+    keys = set(tiny_mae().state_dict())
+    for k in ("mask_token", "decoder_embed.weight", "decoder_pos_embed", "decoder_blocks.0.attn.qkv.weight",
+              "decoder_norm.weight", "decoder_pred.weight", "cls_token", "blocks.1.mlp.fc2.bias", "norm.bias"):
+        assert k in keys, k
+
+
+def test_random_resized_crop_boxes():
+    import random
+    rng = random.Random(0)
+    for _ in range(500):
+        w, h = rng.randint(20, 600), rng.randint(20, 600)
+        x0, y0, x1, y1 = mae_pretrain.random_resized_crop(rng, w, h, (0.2, 1.0))
+        assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+        area = (x1 - x0) * (y1 - y0) / (w * h)
+        ratio = (x1 - x0) / (y1 - y0)
+        # either a sampled crop (area in scale, ratio in 3/4..4/3 up to rounding) or the centre fallback
+        assert area <= 1.0 + 1e-9 and (0.15 < area or ratio <= 4 / 3 + 0.1)
+
+
+def test_shard_sampler_global_batch_independent_of_world():
+    n, B = 37, 8
+    one = list(mae_pretrain.ShardSampler(n, B, 0, 1, seed=5))
+    two = [list(mae_pretrain.ShardSampler(n, B, r, 2, seed=5)) for r in range(2)]
+    assert len(one) == (n // B) * B
+    for s in range(n // B):  # step s: rank 0 takes the first half of the global batch, rank 1 the second
+        assert one[s * B:(s + 1) * B] == two[0][s * 4:(s + 1) * 4] + two[1][s * 4:(s + 1) * 4]
+    sampler = mae_pretrain.ShardSampler(n, B, 0, 1, seed=5)
+    sampler.set_epoch(0, start_step=2)
+    assert list(sampler) == one[2 * B:]
+    sampler.set_epoch(1)
+    assert list(sampler) != one and all(e == 1 for e, _ in sampler)
+
+
+def test_image_folder_crops_are_deterministic(tmp_path):
+    root = make_image_folder(tmp_path / "d", classes=2, per_class=4, size=48)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (375, 500, 3), np.uint8)).save(
+        os.path.join(root, "train", "class_0", "big.jpg"))  # large enough for reduced-size decoding
+    ds = mae_pretrain.ImageFolder(os.path.join(root, "train"), 32, 2, True, seed=1)
+    assert ds.classes == ["class_0", "class_1"] and len(ds) == 9
+    for i in range(len(ds)):
+        x, label, idx = ds[(3, i)]
+        assert x.shape == (2, 3, 32, 32) and x.dtype == torch.uint8 and idx == i
+        assert torch.equal(x, ds[(3, i)][0])  # a function of (seed, epoch, index)
+    assert not torch.equal(ds[(3, 0)][0], ds[(4, 0)][0])
+    val = mae_pretrain.ImageFolder(os.path.join(root, "val"), 32, 1, False)
+    assert val[(0, 0)][0].shape == (1, 3, 32, 32)
+
+
+def test_save_atomic_keeps_previous_file_when_the_write_fails(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    mae_pretrain.save_atomic({"iter_num": 1}, path)
+
+    def broken_save(obj, f):
+        open(f, "wb").write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        mae_pretrain.save_atomic({"iter_num": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path)["iter_num"] == 1
+
+
+def test_lr_schedule():
+    lrs = [mae_pretrain.get_lr(i, 1.0, 0.0, 10, 110) for i in range(111)]
+    assert lrs[0] == 0 and lrs[5] == pytest.approx(0.5) and lrs[10] == pytest.approx(1.0)
+    assert lrs[60] == pytest.approx(0.5) and lrs[110] == pytest.approx(0.0, abs=1e-12)
+
+
+# ---------------------------------------------------------------- the script end to end
+
+def read_log(out_dir):
+    return [json.loads(line) for line in open(os.path.join(out_dir, "log.txt"))]
+
+
+def test_train_two_epochs_then_load_and_continue(tmp_path, image_folder):
+    out = str(tmp_path / "mae")
+    run_script("mae_pretrain.py", "--data_path", image_folder, "--out_dir", out, *TINY, "--batch_size", "8",
+               "--epochs", "2", "--eval_interval", "3", "--blr", "1e-3")
+    log = [e for e in read_log(out) if "loss" in e]
+    assert [e["iter"] for e in log] == list(range(1, 7)) and all(np.isfinite(e["loss"]) for e in log)
+    assert os.path.exists(os.path.join(out, "recon_00000006.png"))
+    ckpt = torch.load(os.path.join(out, "mae.pt"), weights_only=False)
+    assert ckpt["stage"] == "mae" and ckpt["iter_num"] == 6 and "mask_token" in ckpt["decoder"]
+    enc = vit.load_encoder(os.path.join(out, "mae.pt"))
+    assert enc(torch.zeros(1, 3, 32, 32)).shape == (1, 65, 96)
+    # a facebookresearch/mae-style full checkpoint ({"model": encoder + decoder}) as --init
+    fb = str(tmp_path / "fb_full.pth")
+    torch.save({"model": {**ckpt["encoder"], **ckpt["decoder"]}}, fb)
+    out2 = str(tmp_path / "mae2")
+    run_script("mae_pretrain.py", "--data_path", image_folder, "--out_dir", out2, *TINY, "--batch_size", "8",
+               "--max_iters", "1", "--blr", "0", "--warmup_epochs", "0")
+    init = torch.load(os.path.join(out2, "mae.pt"), weights_only=False)
+    p = run_script("mae_pretrain.py", "--data_path", image_folder, "--out_dir", str(tmp_path / "mae3"), *TINY,
+                   "--batch_size", "8", "--max_iters", "1", "--blr", "0", "--init", fb)
+    after = torch.load(str(tmp_path / "mae3" / "mae.pt"), weights_only=False)
+    for k in ckpt["decoder"]:  # lr 0: the weights are exactly the file's
+        assert torch.equal(after["decoder"][k], ckpt["decoder"][k]), k
+    assert not torch.equal(init["encoder"]["blocks.0.attn.qkv.weight"], after["encoder"]["blocks.0.attn.qkv.weight"])
+
+
+def test_torchrun_two_processes_matches_one(tmp_path, image_folder):
+    args = ["--data_path", image_folder, *TINY, "--batch_size", "8", "--epochs", "2", "--eval_interval", "100"]
+    run_script("mae_pretrain.py", *args, "--out_dir", str(tmp_path / "one"))
+    run_torchrun(2, "mae_pretrain.py", *args, "--out_dir", str(tmp_path / "two"))
+    one = torch.load(str(tmp_path / "one" / "mae.pt"), weights_only=False)
+    two = torch.load(str(tmp_path / "two" / "mae.pt"), weights_only=False)
+    # same global batches and masks, gradients averaged over ranks: equal up to float rounding
+    for k in one["encoder"]:
+        torch.testing.assert_close(two["encoder"][k], one["encoder"][k], atol=2e-5, rtol=1e-4)
+    l1 = [e["loss"] for e in read_log(str(tmp_path / "one")) if "loss" in e]
+    l2 = [e["loss"] for e in read_log(str(tmp_path / "two")) if "loss" in e]
+    np.testing.assert_allclose(l2, l1, atol=1e-4)
+
+
+def test_sigterm_then_resume_auto_is_bit_identical(tmp_path, image_folder):
+    args = ["mae_pretrain.py", "--data_path", image_folder, *TINY, "--batch_size", "8", "--epochs", "40",
+            "--eval_interval", "1000", "--ckpt_interval", "1000", "--blr", "1e-3"]
+    run_script(*args, "--out_dir", str(tmp_path / "full"))
+    out = str(tmp_path / "cut")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, *args, "--out_dir", out], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = os.path.join(out, "log.txt")
+    while p.poll() is None and not (os.path.exists(log) and len(open(log).readlines()) >= 5):
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    stdout = p.communicate(timeout=120)[0]
+    assert p.returncode == 0, stdout
+    assert "stopped by signal" in stdout and "--resume auto" in stdout
+    assert not os.path.exists(os.path.join(out, "mae.pt"))
+    stopped_at = torch.load(sorted(f for f in os.scandir(out) if f.name.startswith("ckpt_"))[-1].path,
+                            weights_only=False)["iter_num"]
+    assert 5 <= stopped_at < 120
+    run_script(*args, "--out_dir", out, "--resume", "auto")
+    full = torch.load(str(tmp_path / "full" / "mae.pt"), weights_only=False)
+    cut = torch.load(os.path.join(out, "mae.pt"), weights_only=False)
+    for part in ("encoder", "decoder"):
+        for k in full[part]:
+            assert torch.equal(full[part][k], cut[part][k]), k
+    full_log = [e for e in read_log(str(tmp_path / "full")) if "loss" in e]
+    cut_log = [e for e in read_log(out) if "loss" in e]
+    assert [e["loss"] for e in cut_log] == [e["loss"] for e in full_log]  # the curve continues exactly
+
+
+def fails_with(tmp_path, data, *extra, match):
+    p = run_script("mae_pretrain.py", "--data_path", data, "--out_dir", str(tmp_path / "o"), *TINY,
+                   "--batch_size", "8", "--epochs", "1", *extra, check=False)
+    assert p.returncode != 0, p.stdout
+    assert match in p.stderr, p.stderr[-2000:]
+    return p
+
+
+def test_truncated_image_names_the_file_or_is_skipped(tmp_path, image_folder):
+    bad = os.path.join(image_folder, "train", "class_1", "0002.jpg")
+    data = open(bad, "rb").read()
+    open(bad, "wb").write(data[: len(data) // 3])
+    fails_with(tmp_path, image_folder, match=bad)
+    p = run_script("mae_pretrain.py", "--data_path", image_folder, "--out_dir", str(tmp_path / "skip"), *TINY,
+                   "--batch_size", "8", "--epochs", "1", "--skip_bad_images", "1")
+    assert f"skipping unreadable image {bad}" in p.stderr
+
+
+def test_bad_layouts_fail_before_training(tmp_path):
+    data = make_image_folder(tmp_path / "d", classes=2, per_class=4)
+    os.makedirs(os.path.join(data, "train", "empty_class"))
+    fails_with(tmp_path, data, match="empty_class holds no images")
+    os.rmdir(os.path.join(data, "train", "empty_class"))
+    os.rename(os.path.join(data, "val"), os.path.join(data, "valid"))
+    fails_with(tmp_path, data, match="missing split folder")
+    fails_with(tmp_path, str(tmp_path / "nowhere"), match="missing split folder")
+
+
+def test_bad_flags_and_checkpoints(tmp_path, image_folder):
+    fails_with(tmp_path, image_folder, "--img_size", "30", match="not divisible by patch size 4")
+    fails_with(tmp_path, image_folder, "--grad_accum", "3", match="not divisible by processes")
+    fails_with(tmp_path, image_folder, "--batch_size", "100", match="larger than the training set")
+    fails_with(tmp_path, image_folder, "--blr", "1e38", "--warmup_epochs", "0", match="non-finite loss")
+    head = str(tmp_path / "head.pt")
+    torch.save(dict(stage="nnclr_head", head={}), head)
+    fails_with(tmp_path, image_folder, "--init", head, match="expected an MAE checkpoint, found a nnclr_head")
+    fails_with(tmp_path, image_folder, "--resume", head, match="expected a mae checkpoint, found nnclr_head")
+    trunc = str(tmp_path / "trunc.pt")
+    open(trunc, "wb").write(b"PK\x03\x04 not really")
+    fails_with(tmp_path, image_folder, "--init", trunc, match="truncated or not a torch file")
+    wrong = str(tmp_path / "wrong.pt")
+    torch.save({"model": vit.ViT(32, 4, 192, 2, 3).state_dict()}, wrong)
+    p = fails_with(tmp_path, image_folder, "--init", wrong, match="does not fit the model")
+    assert "missing keys: blocks.2." in p.stderr and "mis-shaped: cls_token" in p.stderr
