@@ -1,0 +1,283 @@
+"""
+k-NN classification with a frozen encoder (DINO / MAE-CT protocol): the train split is the bank,
+the val split the queries; centre-crop features, pooled, L2-normalised, cosine similarity; the k
+nearest bank images vote for their class with weight exp(sim / T).
+
+Single process (CPU or one GPU):
+    python knn.py --data_path DATA --init out/ct/ct.pt
+Several GPUs (every process extracts its share of the features, then all are gathered):
+    torchrun --nproc_per_node 8 knn.py --data_path DATA --init ct.pt --pool mean --k 10 20
+
+--init takes any checkpoint vit.load_encoder reads: this project's mae.pt / ct.pt (--which ema|online),
+facebookresearch/mae's, the MAE-CT releases. Prints top-1 per k; with --out_dir, appends a JSON line
+to out_dir/log.txt.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
+
+import vit
+
+# -----------------------------------------------------------------------------
+# flags
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--data_path", required=True, help="image folder with train/<class>/* (the bank) and val/<class>/* (the queries)")
+parser.add_argument("--out_dir", default="", help="if given, append the result as a JSON line to out_dir/log.txt")
+parser.add_argument("--init", required=True, help="encoder checkpoint: this project's mae.pt / ct.pt, facebookresearch/mae's, MAE-CT's")
+parser.add_argument("--which", default="ema", choices=["ema", "online"], help="which encoder of a contrastive-tuning checkpoint")
+parser.add_argument("--pool", default="cls", choices=["cls", "mean"], help="CLS token or mean of the patch tokens (authors: mean for B/16 MAE-CT)")
+parser.add_argument("--img_size", type=int, default=0, help="0 = the encoder's own")
+parser.add_argument("--crop_pct", type=float, default=0.875, help="centre crop = shorter side x crop_pct, resized to img_size (1.0: whole image, e.g. CIFAR)")
+parser.add_argument("--k", type=int, nargs="+", default=[10, 20], help="neighbour counts, all computed at once (MAE-CT: 10, DINO: 20)")
+parser.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(sim / T)")
+parser.add_argument("--standardize", type=int, default=0, help="1: standardise features with the bank's mean / std before L2-normalising")
+parser.add_argument("--chunk", type=int, default=1024, help="queries per similarity block (memory: chunk x bank x 4 bytes)")
+parser.add_argument("--batch_size", type=int, default=256, help="images per feature-extraction step, over all processes")
+parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+parser.add_argument("--compile", type=int, default=0)
+parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+parser.add_argument("--num_workers", type=int, default=8, help="data loader processes per GPU/process")
+parser.add_argument("--skip_bad_images", type=int, default=0, help="1: log unreadable images and use another")
+
+
+def fail(msg):  # one clear line, every rank stops
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+# -----------------------------------------------------------------------------
+# data: image folder -> uint8 crops (normalised on the device, which is cheaper than on the CPU)
+IMG_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
+
+
+def scan_image_folder(root):
+    """[(path, class_index)], classes: sorted subfolder names. Fails loudly on an empty layout."""
+    if not os.path.isdir(root):
+        fail(f"image folder not found: {root}")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    if not classes:
+        fail(f"no class folders in {root} (expected {root}/<class>/<image>)")
+    samples = []
+    for c, name in enumerate(classes):
+        files = sorted(f for f in os.listdir(os.path.join(root, name)) if f.lower().endswith(IMG_EXTS))
+        if not files:
+            fail(f"class folder {os.path.join(root, name)} holds no images ({', '.join(IMG_EXTS)})")
+        samples += [(os.path.join(root, name, f), c) for f in files]
+    return samples, classes
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Items are (epoch, index) pairs, as in every stage script. Evaluation only: the centre box of
+    side crop_pct x the shorter side, resized to img_size (bicubic) in one resample; that is
+    "resize the shorter side to img_size / crop_pct, centre crop img_size" without the intermediate
+    rounding. With crop_pct 1 and images of img_size pixels it is the identity."""
+
+    def __init__(self, root, img_size, crop_pct=0.875, skip_bad=False):
+        self.samples, self.classes = scan_image_folder(root)
+        self.img_size, self.crop_pct, self.skip_bad = img_size, crop_pct, skip_bad
+        self.bad = 0
+
+    def __len__(self):
+        return len(self.samples)
+
+    def load(self, i, boxes_fn):
+        """Decode image i and cut the boxes that boxes_fn(w, h) returns; JPEGs are decoded at
+        reduced size (PIL draft: DCT scaling) when the smallest crop allows it."""
+        for attempt in range(len(self.samples)):
+            path = self.samples[(i + attempt) % len(self.samples)][0]
+            try:
+                img = Image.open(path)
+                w, h = img.size
+                boxes = boxes_fn(w, h)
+                f = min(min(b[2] - b[0], b[3] - b[1]) for b in boxes) / self.img_size
+                if f >= 2:
+                    img.draft(None, (math.ceil(w / f), math.ceil(h / f)))
+                img = img.convert("RGB")
+                s = img.size[0] / w
+                return [img.resize((self.img_size, self.img_size), Image.BICUBIC, box=tuple(v * s for v in b))
+                        for b in boxes], self.samples[(i + attempt) % len(self.samples)][1]
+            except OSError as e:
+                if not self.skip_bad:
+                    raise RuntimeError(f"unreadable image {path}: {e} (use --skip_bad_images 1 to skip such files)") from None
+                self.bad += 1
+                print(f"warning: skipping unreadable image {path} ({e}); {self.bad} skipped in this worker", file=sys.stderr)
+        raise RuntimeError("no readable image in the dataset")
+
+    def __getitem__(self, item):
+        epoch, i = item
+
+        def centre(w, h):
+            s = min(w, h) * self.crop_pct
+            return [((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)]
+        crops, label = self.load(i, centre)
+        x = torch.from_numpy(np.array(crops[0])).permute(2, 0, 1)  # (3, S, S) uint8, a writable copy
+        return x, label, i
+
+
+@torch.no_grad()
+def extract_features(encoder, dataset, how, dim, batch_size, ddp_rank, ddp_world_size, device, autocast, normalize,
+                     num_workers, desc="features"):
+    """Pooled features of every image of `dataset`: (len(dataset), dim) float32 on `device`, on every
+    rank, in dataset order. Rank r encodes images r, r + world, r + 2 world, ...; the all_gather puts
+    them back in order, so the result does not depend on the number of processes."""
+    n = len(dataset)
+    per = -(-n // ddp_world_size)  # images per rank; the short ranks' last row stays zero (padding)
+    shard = [(0, i) for i in range(ddp_rank, n, ddp_world_size)]
+    loader = torch.utils.data.DataLoader(dataset, batch_size=max(1, batch_size // ddp_world_size), sampler=shard,
+                                         num_workers=num_workers, pin_memory=device != "cpu")
+    feats, j = torch.zeros(per, dim, device=device), 0
+    for x, _, _ in tqdm(loader, desc=desc, disable=ddp_rank != 0, dynamic_ncols=True, leave=False):
+        with autocast:
+            f = vit.pool(encoder(normalize(x.to(device, non_blocking=True))), how)  # (b, dim)
+        feats[j:j + len(f)] = f.float()
+        j += len(f)
+    if ddp_world_size > 1:
+        parts = [torch.empty_like(feats) for _ in range(ddp_world_size)]
+        dist.all_gather(parts, feats)
+        feats = torch.stack(parts, dim=1).flatten(0, 1)  # (per, world, dim): row q*world + r is image q*world + r
+    return feats[:n]
+
+
+# -----------------------------------------------------------------------------
+# k-NN
+
+def prepare_features(bank, queries, standardize=False):
+    """Optionally standardise both with the bank's per-dimension mean and (population) std, then
+    L2-normalise every row, so that a dot product is the cosine similarity."""
+    if standardize:
+        mean, std = bank.mean(0), bank.std(0, correction=0).clamp_min(1e-12)
+        bank, queries = (bank - mean) / std, (queries - mean) / std
+    return torch.nn.functional.normalize(bank, dim=1), torch.nn.functional.normalize(queries, dim=1)
+
+
+@torch.no_grad()
+def knn_classify(bank, bank_labels, queries, ks, temperature, num_classes, chunk=1024):
+    """bank (Nb, D) and queries (Nq, D): L2-normalised, same dtype and device; bank_labels (Nb,) int64.
+    Returns {k: predicted class (Nq,)}. The (Nq, Nb) similarity matrix is never built: each block of
+    `chunk` queries, (chunk, Nb), is reduced to its kmax nearest neighbours right away.
+
+    Neighbour order: decreasing similarity, and among equal similarities increasing bank index (torch.topk
+    leaves the order of ties unspecified, so ties at the kmax-th place are redone and the kept ones
+    re-sorted; results then depend neither on the device nor on the chunk size). Vote: class c scores
+    sum(exp(sim / T)) over the k nearest of class c; equal scores go to the lowest class index
+    (argmax returns the first maximum)."""
+    kmax = max(ks)
+    if kmax > len(bank):
+        raise ValueError(f"k = {kmax} is larger than the bank ({len(bank)} images)")
+    preds = {k: [] for k in ks}
+    for s in range(0, len(queries), chunk):
+        sim = queries[s:s + chunk] @ bank.T  # (c, Nb)
+        vals, idx = sim.topk(kmax, dim=1)  # (c, kmax) each
+        kth = vals[:, -1:]  # (c, 1)
+        redo = ((sim == kth).sum(1) > (vals == kth).sum(1)).nonzero()[:, 0].tolist()
+        for r in redo:  # rare: exact ties straddle the kmax-th place; keep the lowest bank indices
+            above = (sim[r] > kth[r]).nonzero()[:, 0]
+            tied = (sim[r] == kth[r]).nonzero()[:, 0][:kmax - len(above)]
+            idx[r] = torch.cat([above, tied])
+            vals[r] = sim[r, idx[r]]
+        order = idx.argsort(dim=1, stable=True)  # by index, then (stable) by decreasing similarity
+        idx, vals = idx.gather(1, order), vals.gather(1, order)
+        order = vals.argsort(dim=1, descending=True, stable=True)
+        idx, vals = idx.gather(1, order), vals.gather(1, order)
+        labels, weights = bank_labels[idx], (vals / temperature).exp()  # (c, kmax) each
+        for k in ks:
+            votes = torch.zeros(len(sim), num_classes, dtype=weights.dtype, device=weights.device)
+            votes.scatter_add_(1, labels[:, :k], weights[:, :k])  # (c, classes)
+            preds[k].append(votes.argmax(dim=1))
+    return {k: torch.cat(p) for k, p in preds.items()}
+
+
+# -----------------------------------------------------------------------------
+def main(args):
+    # DDP: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; NCCL on GPUs, gloo on CPU
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    use_cuda = torch.cuda.is_available() if args.device == "auto" else args.device.startswith("cuda")
+    if ddp:
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        ddp_rank, ddp_local_rank, ddp_world_size = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+    else:
+        ddp_rank, ddp_local_rank, ddp_world_size = 0, 0, 1
+    master_process = ddp_rank == 0
+    device = f"cuda:{ddp_local_rank}" if use_cuda else "cpu"
+    if use_cuda:
+        torch.cuda.set_device(device)
+        # similarities in full fp32: TF32's 10-bit mantissa would reorder close neighbours
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if use_cuda and torch.cuda.is_bf16_supported() else "float32"
+    autocast = nullcontext() if dtype == "float32" else torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype))
+    if args.batch_size % ddp_world_size != 0:
+        fail(f"--batch_size {args.batch_size} is not divisible by processes ({ddp_world_size})")
+    if min(args.k) < 1:
+        fail(f"--k must be positive, got {args.k}")
+    if args.temperature <= 0 or args.chunk < 1 or not 0 < args.crop_pct <= 1:
+        fail("--temperature and --chunk must be positive and --crop_pct in (0, 1]")
+
+    # encoder and data: every check before any feature is extracted
+    try:
+        encoder = vit.load_encoder(args.init, args.which, args.img_size or None, verbose=master_process)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        fail(str(e))
+    model_args = encoder.args
+    img_size = model_args["img_size"]
+    for split in ("train", "val"):
+        if not os.path.isdir(os.path.join(args.data_path, split)):
+            fail(f"missing split folder {os.path.join(args.data_path, split)} (expected train/ and val/)")
+    bank_set = ImageFolder(os.path.join(args.data_path, "train"), img_size, args.crop_pct, args.skip_bad_images)
+    query_set = ImageFolder(os.path.join(args.data_path, "val"), img_size, args.crop_pct, args.skip_bad_images)
+    if bank_set.classes != query_set.classes:
+        fail(f"train and val class folders differ: {sorted(set(bank_set.classes) ^ set(query_set.classes))[:6]}")
+    if max(args.k) > len(bank_set):
+        fail(f"--k {max(args.k)} is larger than the bank ({len(bank_set)} train images)")
+    encoder.to(device)
+    if args.compile:
+        encoder = torch.compile(encoder)
+    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1) * 255
+
+    def normalize(x):  # (B, 3, S, S) uint8 on the device -> float, ImageNet mean/std
+        return (x.float() - mean) / std
+
+    if master_process:
+        print(f"k-NN: encoder {model_args} from {args.init} ({args.pool} pooling, {dtype}), "
+              f"{len(bank_set)} bank / {len(query_set)} query images, {len(bank_set.classes)} classes, "
+              f"{ddp_world_size} process(es)")
+    try:
+        feats = [extract_features(encoder, ds, args.pool, model_args["dim"], args.batch_size, ddp_rank, ddp_world_size,
+                                  device, autocast, normalize, args.num_workers, desc)
+                 for ds, desc in ((bank_set, "bank"), (query_set, "queries"))]
+    except RuntimeError as e:  # a DataLoader worker re-raises with its traceback: keep the last line
+        fail(str(e).strip().splitlines()[-1])
+    bank, queries = prepare_features(*feats, standardize=bool(args.standardize))
+    bank_labels = torch.tensor([c for _, c in bank_set.samples], device=device)
+    query_labels = torch.tensor([c for _, c in query_set.samples], device=device)
+    # every rank holds all features; rank 0 classifies (the similarity pass is cheap next to extraction)
+    if master_process:
+        ks = sorted(set(args.k))
+        preds = knn_classify(bank, bank_labels, queries, ks, args.temperature, len(bank_set.classes), args.chunk)
+        top1 = {k: 100.0 * (preds[k] == query_labels).double().mean().item() for k in ks}
+        print(f"{'k':>5}  top-1 (%)")
+        for k in ks:
+            print(f"{k:>5}  {top1[k]:.2f}")
+        if args.out_dir:
+            os.makedirs(args.out_dir, exist_ok=True)
+            entry = dict(knn_top1={str(k): round(top1[k], 4) for k in ks}, temperature=args.temperature,
+                         pool=args.pool, standardize=args.standardize, init=args.init, which=args.which,
+                         bank=len(bank_set), queries=len(query_set), img_size=img_size, crop_pct=args.crop_pct)
+            with open(os.path.join(args.out_dir, "log.txt"), "a") as f:
+                f.write(json.dumps(entry) + "\n")
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(parser.parse_args())

@@ -1,0 +1,647 @@
+"""
+Linear probing of a frozen encoder (MAE / MAE-CT protocol) and MSN's low-shot logistic regression.
+
+  streaming (default)  each step encodes RandomResizedCrop(0.08-1) + flip crops of the train images
+                       with the frozen encoder and trains one linear head per --blrs entry on them, all
+                       at once: BatchNorm1d(affine=False) + Linear, SGD momentum 0.9, warmup + cosine.
+  --cached 1           encodes every train image once (centre crop, no augmentation) and trains the
+                       same heads on those features: many epochs in seconds (small budgets, low-shot).
+  --logreg 1           multinomial logistic regression (L2 penalty, no intercept, L-BFGS in float64)
+                       on centred, L2-normalised features of the labelled images (MSN's low-shot protocol).
+--train_list FILE / --per_class N pick the labelled train images in every mode. Val images are
+centre-cropped (--crop_pct); reported is the best val top-1 over heads and evaluations.
+
+Single process (CPU or one GPU):
+    python probe.py --data_path DATA --init out/ct/ct.pt --pool mean
+Several GPUs (the global --batch_size is split over the processes; features are gathered and every
+process takes the same head step, so the result does not depend on the number of processes):
+    torchrun --nproc_per_node 8 probe.py --data_path DATA --init ct.pt
+Low-shot:
+    python probe.py --data_path DATA --init ct.pt --logreg 1 --train_list lists/5shot_s0.txt
+
+--init takes any checkpoint vit.load_encoder reads (this project's mae.pt / ct.pt with --which,
+facebookresearch/mae's, the MAE-CT releases). Writes out_dir/probe.pt (the best head, and the state
+to resume), periodic out_dir/ckpt_*.pt, out_dir/log.txt (JSON lines); --logreg writes out_dir/logreg.pt.
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+import vit
+
+# -----------------------------------------------------------------------------
+# flags
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--data_path", required=True, help="image folder with train/<class>/* and val/<class>/*")
+parser.add_argument("--out_dir", default="out/probe")
+parser.add_argument("--init", required=True, help="encoder checkpoint: this project's mae.pt / ct.pt, facebookresearch/mae's, MAE-CT's")
+parser.add_argument("--which", default="ema", choices=["ema", "online"], help="which encoder of a contrastive-tuning checkpoint")
+parser.add_argument("--resume", default="", help="a checkpoint to continue, or 'auto' for the newest in out_dir")
+parser.add_argument("--pool", default="cls", choices=["cls", "mean"], help="CLS token or mean of the patch tokens (authors: mean for B/16 MAE-CT)")
+parser.add_argument("--img_size", type=int, default=0, help="0 = the encoder's own")
+parser.add_argument("--crop_pct", type=float, default=0.875, help="eval: centre crop = shorter side x crop_pct, resized to img_size (1.0: whole image, e.g. CIFAR)")
+parser.add_argument("--epochs", type=int, default=50)
+parser.add_argument("--warmup_epochs", type=float, default=-1, help="-1 = 10%% of --epochs")
+parser.add_argument("--batch_size", type=int, default=1024, help="images per optimizer step, over all processes")
+parser.add_argument("--blrs", type=float, nargs="+", default=[0.1, 0.075, 0.05, 0.03, 0.02, 0.01],
+                    help="one head per base lr, trained at once; lr = blr * batch_size / 256")
+parser.add_argument("--min_lr", type=float, default=0.0)
+parser.add_argument("--weight_decay", type=float, default=0.0)
+parser.add_argument("--eval_every", type=int, default=1, help="epochs between val evaluations (and at the end)")
+parser.add_argument("--cached", type=int, default=0, help="1: encode the train images once (centre crop) and train on those features")
+parser.add_argument("--train_aug", type=int, default=1, help="streaming mode: 0 = train on centre crops (what --cached 1 does, image by image)")
+parser.add_argument("--logreg", type=int, default=0, help="1: low-shot multinomial logistic regression instead of the SGD heads")
+parser.add_argument("--lambd", type=float, default=0.00025, help="logreg: L2 penalty = lambd / n_train (MSN)")
+parser.add_argument("--center", default="train", choices=["train", "sample"],
+                    help="logreg: subtract the labelled set's mean feature (train) or each feature's own mean over its dimensions (sample: what MSN's cyanure.preprocess call does)")
+parser.add_argument("--train_list", default="", help="labelled images: a text file, one file name (or class/name) per line, as lowshot_subsets.py --mode list writes")
+parser.add_argument("--per_class", type=int, default=0, help="labelled images: N per class, drawn with --seed")
+parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+parser.add_argument("--compile", type=int, default=0)
+parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+parser.add_argument("--num_workers", type=int, default=8, help="data loader processes per GPU/process")
+parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--log_interval", type=int, default=20, help="iterations")
+parser.add_argument("--ckpt_interval", type=int, default=1000, help="iterations between checkpoints")
+parser.add_argument("--keep_last", type=int, default=2, help="periodic checkpoints kept (0 = all)")
+parser.add_argument("--skip_bad_images", type=int, default=0, help="1: log unreadable images and use another")
+parser.add_argument("--max_iters", type=int, default=0, help="stop after this many iterations (0 = epochs)")
+
+# flags a resumed run must share with the checkpoint it continues
+RESUME_FLAGS = ("init", "which", "pool", "img_size", "crop_pct", "batch_size", "blrs", "cached", "train_aug",
+                "train_list", "per_class", "seed")
+
+
+def fail(msg):  # one clear line, every rank stops
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+# -----------------------------------------------------------------------------
+# data: image folder -> uint8 crops (normalised on the device, which is cheaper than on the CPU)
+IMG_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
+
+
+def scan_image_folder(root):
+    """[(path, class_index)], classes: sorted subfolder names. Fails loudly on an empty layout."""
+    if not os.path.isdir(root):
+        fail(f"image folder not found: {root}")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    if not classes:
+        fail(f"no class folders in {root} (expected {root}/<class>/<image>)")
+    samples = []
+    for c, name in enumerate(classes):
+        files = sorted(f for f in os.listdir(os.path.join(root, name)) if f.lower().endswith(IMG_EXTS))
+        if not files:
+            fail(f"class folder {os.path.join(root, name)} holds no images ({', '.join(IMG_EXTS)})")
+        samples += [(os.path.join(root, name, f), c) for f in files]
+    return samples, classes
+
+
+def random_resized_crop(rng, w, h, scale, ratio=(3 / 4, 4 / 3)):
+    """Crop box (left, top, right, bottom) of RandomResizedCrop, drawn with `rng`."""
+    area = w * h
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+            return x, y, x + cw, y + ch
+    aspect = min(max(w / h, ratio[0]), ratio[1])  # fall back to a centre crop
+    cw, ch = (w, round(w / aspect)) if w / h < aspect else (round(h * aspect), h)
+    cw, ch = min(cw, w), min(ch, h)
+    return (w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Items are (epoch, index) pairs from the sampler, so each augmentation is a function of
+    (seed, epoch, index) alone: any worker count, any restart, the same crops.
+    Eval crop: the centre box of side crop_pct x the shorter side, resized to img_size (bicubic) in
+    one resample; that is "resize the shorter side to img_size / crop_pct, centre crop img_size"
+    without the intermediate rounding. With crop_pct 1 and images of img_size pixels, the identity."""
+
+    def __init__(self, root, img_size, train, crop_pct=0.875, seed=0, skip_bad=False):
+        self.samples, self.classes = scan_image_folder(root)
+        self.img_size, self.train, self.crop_pct, self.seed, self.skip_bad = img_size, train, crop_pct, seed, skip_bad
+        self.bad = 0
+
+    def __len__(self):
+        return len(self.samples)
+
+    def load(self, i, boxes_fn):
+        """Decode image i and cut the boxes that boxes_fn(w, h) returns; JPEGs are decoded at
+        reduced size (PIL draft: DCT scaling) when the smallest crop allows it."""
+        for attempt in range(len(self.samples)):
+            path = self.samples[(i + attempt) % len(self.samples)][0]
+            try:
+                img = Image.open(path)
+                w, h = img.size
+                boxes = boxes_fn(w, h)
+                f = min(min(b[2] - b[0], b[3] - b[1]) for b in boxes) / self.img_size
+                if f >= 2:
+                    img.draft(None, (math.ceil(w / f), math.ceil(h / f)))
+                img = img.convert("RGB")
+                s = img.size[0] / w
+                return [img.resize((self.img_size, self.img_size), Image.BICUBIC, box=tuple(v * s for v in b))
+                        for b in boxes], self.samples[(i + attempt) % len(self.samples)][1]
+            except OSError as e:
+                if not self.skip_bad:
+                    raise RuntimeError(f"unreadable image {path}: {e} (use --skip_bad_images 1 to skip such files)") from None
+                self.bad += 1
+                print(f"warning: skipping unreadable image {path} ({e}); {self.bad} skipped in this worker", file=sys.stderr)
+        raise RuntimeError("no readable image in the dataset")
+
+    def __getitem__(self, item):
+        epoch, i = item
+        rng = random.Random((self.seed * 1_000_003 + epoch) * 1_000_003 + i)
+        if self.train:  # RandomResizedCrop(scale 0.08-1, bicubic) + flip
+            crops, label = self.load(i, lambda w, h: [random_resized_crop(rng, w, h, (0.08, 1.0))])
+            crops = [c.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else c for c in crops]
+        else:
+            def centre(w, h):
+                s = min(w, h) * self.crop_pct
+                return [((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)]
+            crops, label = self.load(i, centre)
+        x = torch.from_numpy(np.array(crops[0])).permute(2, 0, 1)  # (3, S, S) uint8, a writable copy
+        return x, label, i
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Epoch-seeded permutation; step s of the epoch takes the global batch perm[s*B:(s+1)*B] and
+    this rank its slice, so the global batch does not depend on the number of processes.
+    Drops the last incomplete batch. start_step skips steps already done (resume)."""
+
+    def __init__(self, n, batch_size, rank, world, seed):
+        self.n, self.batch_size, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
+        self.steps = n // batch_size
+        self.epoch, self.start_step = 0, 0
+
+    def set_epoch(self, epoch, start_step=0):
+        self.epoch, self.start_step = epoch, start_step
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g)[: self.steps * self.batch_size]
+        per_rank = perm.view(self.steps, self.world, -1)[self.start_step:, self.rank].reshape(-1)
+        return iter([(self.epoch, int(i)) for i in per_rank])
+
+    def __len__(self):
+        return (self.steps - self.start_step) * (self.batch_size // self.world)
+
+
+def select_train(samples, classes, train_list, per_class, seed):
+    """Indices (sorted) of the labelled train images. train_list: one name per line, either a file's
+    base name (the format of lowshot_subsets.py and of the SimCLR / MSN split files) or class/name
+    where base names repeat across classes; per_class: N images of every class, drawn with `seed`."""
+    if train_list:
+        try:
+            with open(train_list, encoding="utf-8-sig") as f:
+                names = [line.strip() for line in f if line.strip()]
+        except OSError as e:
+            fail(f"cannot read --train_list {train_list}: {e.strerror}")
+        if not names:
+            fail(f"--train_list {train_list} holds no names")
+        if len(set(names)) != len(names):
+            fail(f"--train_list {train_list} repeats names: {sorted(n for n in set(names) if names.count(n) > 1)[:5]}")
+        by_base, by_rel = {}, {}
+        for i, (path, c) in enumerate(samples):
+            by_base.setdefault(os.path.basename(path), []).append(i)
+            by_rel[f"{classes[c]}/{os.path.basename(path)}"] = i
+        chosen, missing, ambiguous = [], [], []
+        for name in names:
+            if name in by_rel:
+                chosen.append(by_rel[name])
+            elif len(by_base.get(name, ())) == 1:
+                chosen.append(by_base[name][0])
+            else:
+                (ambiguous if name in by_base else missing).append(name)
+        if missing:
+            fail(f"{len(missing)} of {len(names)} names in --train_list {train_list} are not in the train folder: "
+                 f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}")
+        if ambiguous:
+            fail(f"names in --train_list {train_list} are in several class folders (write class/name): {', '.join(ambiguous[:5])}")
+        if len(set(chosen)) != len(chosen):
+            fail(f"--train_list {train_list} names some images twice (as name and as class/name)")
+        return sorted(chosen)
+    g = torch.Generator().manual_seed(seed)
+    by_class = {}
+    for i, (_, c) in enumerate(samples):
+        by_class.setdefault(c, []).append(i)
+    chosen = []
+    for c in sorted(by_class):
+        if len(by_class[c]) < per_class:
+            fail(f"--per_class {per_class}: class {classes[c]} has only {len(by_class[c])} train images")
+        chosen += [by_class[c][j] for j in torch.randperm(len(by_class[c]), generator=g)[:per_class].tolist()]
+    return sorted(chosen)
+
+
+@torch.no_grad()
+def extract_features(encoder, dataset, how, dim, batch_size, ddp_rank, ddp_world_size, device, autocast, normalize,
+                     num_workers, desc="features"):
+    """Pooled features of every image of `dataset`: (len(dataset), dim) float32 on `device`, on every
+    rank, in dataset order. Rank r encodes images r, r + world, r + 2 world, ...; the all_gather puts
+    them back in order, so the result does not depend on the number of processes."""
+    n = len(dataset)
+    per = -(-n // ddp_world_size)  # images per rank; the short ranks' last row stays zero (padding)
+    shard = [(0, i) for i in range(ddp_rank, n, ddp_world_size)]
+    loader = torch.utils.data.DataLoader(dataset, batch_size=max(1, batch_size // ddp_world_size), sampler=shard,
+                                         num_workers=num_workers, pin_memory=device != "cpu")
+    feats, j = torch.zeros(per, dim, device=device), 0
+    for x, _, _ in tqdm(loader, desc=desc, disable=ddp_rank != 0, dynamic_ncols=True, leave=False):
+        with autocast:
+            f = vit.pool(encoder(normalize(x.to(device, non_blocking=True))), how)  # (b, dim)
+        feats[j:j + len(f)] = f.float()
+        j += len(f)
+    if ddp_world_size > 1:
+        parts = [torch.empty_like(feats) for _ in range(ddp_world_size)]
+        dist.all_gather(parts, feats)
+        feats = torch.stack(parts, dim=1).flatten(0, 1)  # (per, world, dim): row q*world + r is image q*world + r
+    return feats[:n]
+
+
+# -----------------------------------------------------------------------------
+# the heads
+
+def make_head(dim, classes):
+    """One probe head; probe.pt's "head" is this module's state dict."""
+    return nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, classes))
+
+
+class LinearHeads(nn.Module):
+    """n probe heads on the same features. The BatchNorm1d(affine=False) has no parameters, so its
+    batch statistics and running averages are the same for every head: one is shared. Each head is a
+    Linear(D, C) of its own (its own optimizer group and lr), and all start from the same weights
+    (trunc-normal std 0.01 cut at 2 std, bias 0, drawn from `seed`): head i trained here is head i
+    trained alone, bit for bit."""
+
+    def __init__(self, dim, classes, n, seed=0):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
+        self.linears = nn.ModuleList(nn.Linear(dim, classes) for _ in range(n))
+        w = nn.init.trunc_normal_(torch.empty(classes, dim), std=0.01, a=-0.02, b=0.02,
+                                  generator=torch.Generator().manual_seed(seed))
+        for lin in self.linears:
+            lin.weight.data.copy_(w)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, x):  # (B, D) -> n x (B, C)
+        x = self.norm(x)
+        return [lin(x) for lin in self.linears]
+
+    def head(self, i):  # head i alone, as make_head() builds it
+        h = make_head(self.norm.num_features, self.linears[i].out_features)
+        h[0].load_state_dict(self.norm.state_dict())
+        h[1].load_state_dict(self.linears[i].state_dict())
+        return h
+
+
+def fit_logreg(x, y, num_classes, lam, rtol=1e-6, max_iter=10000):
+    """MSN's low-shot classifier, cyanure's MultiClassifier(loss="multiclass-logistic", penalty="l2",
+    fit_intercept=False). Its objective, with cyanure's definition of the l2 penalty (lambd/2 ||w||^2):
+        f(W) = (1/n) sum_i CE(W x_i, y_i) + (lam / 2) ||W||_F^2,   W (classes, D), no intercept,
+    and MSN passes lam = 0.00025 / n. f is lam-strongly convex, so f(W) - min f <= ||grad f(W)||^2 / (2 lam):
+    full-batch L-BFGS (strong-Wolfe line search) in float64 runs until that certified bound is below
+    rtol * f(W) (cyanure stops at a duality gap of 1e-3 f), or max_iter iterations.
+    x (n, D), y (n,) int64. Returns W (classes, D) float64 and {"iters", "loss", "grad", "gap"}."""
+    x = x.double()
+    W = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, device=x.device, requires_grad=True)
+    opt = torch.optim.LBFGS([W], lr=1, max_iter=100, tolerance_grad=0, tolerance_change=0, history_size=20,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        f = F.cross_entropy(x @ W.T, y) + lam / 2 * W.square().sum()
+        f.backward()
+        return f
+
+    while True:  # rounds of up to 100 iterations; L-BFGS keeps its history between rounds
+        f = closure().item()
+        gap = W.grad.square().sum().item() / (2 * lam)
+        done = opt.state[W].get("n_iter", 0)
+        if gap <= rtol * f or done >= max_iter:
+            break
+        opt.step(closure)
+        if opt.state[W]["n_iter"] == done:  # no step possible: float64 precision reached
+            break
+    return W.detach(), dict(iters=opt.state[W].get("n_iter", 0), loss=f, grad=W.grad.abs().max().item(), gap=gap)
+
+
+# -----------------------------------------------------------------------------
+# small helpers shared in shape by every stage script
+
+def get_lr(it, lr, min_lr, warmup_iters, max_iters):
+    """Linear warmup from 0, then cosine to min_lr; per optimizer step."""
+    if it < warmup_iters:
+        return lr * it / warmup_iters
+    progress = min(1.0, (it - warmup_iters) / max(1, max_iters - warmup_iters))
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def save_atomic(obj, path):
+    """Write to a temp file, then rename: a crash mid-write leaves the previous file intact."""
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def find_resume(resume, out_dir, final_name):
+    """--resume auto: the finished run's file, else the newest periodic checkpoint, else none."""
+    if resume != "auto":
+        return resume
+    final, found = os.path.join(out_dir, final_name), sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))
+    return final if os.path.exists(final) else found[-1] if found else ""
+
+# -----------------------------------------------------------------------------
+def main(args):
+    # DDP: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; NCCL on GPUs, gloo on CPU
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    use_cuda = torch.cuda.is_available() if args.device == "auto" else args.device.startswith("cuda")
+    if ddp:
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        ddp_rank, ddp_local_rank, ddp_world_size = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+    else:
+        ddp_rank, ddp_local_rank, ddp_world_size = 0, 0, 1
+    master_process = ddp_rank == 0
+    device = f"cuda:{ddp_local_rank}" if use_cuda else "cpu"
+    if use_cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if use_cuda and torch.cuda.is_bf16_supported() else "float32"
+    autocast = nullcontext() if dtype == "float32" else torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype))
+    torch.manual_seed(args.seed)
+    if args.batch_size % ddp_world_size != 0:
+        fail(f"--batch_size {args.batch_size} is not divisible by processes ({ddp_world_size})")
+    if args.logreg and args.cached:
+        fail("--logreg 1 and --cached 1 are two different classifiers; choose one")
+    if args.train_list and args.per_class:
+        fail("--train_list and --per_class both pick the labelled images; choose one")
+    if min(args.blrs) <= 0 or args.eval_every < 1 or args.lambd <= 0 or args.per_class < 0 or not 0 < args.crop_pct <= 1:
+        fail("--blrs, --eval_every and --lambd must be positive, --per_class >= 0, --crop_pct in (0, 1]")
+    out_dir = args.out_dir
+    if master_process:
+        os.makedirs(out_dir, exist_ok=True)
+    # preemption: SLURM and most schedulers send SIGTERM or SIGUSR1; stop at the next step and checkpoint
+    stop_signal = []
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, lambda signum, frame: stop_signal.append(signum))
+
+    # encoder and data: every check before any feature is extracted
+    try:
+        encoder = vit.load_encoder(args.init, args.which, args.img_size or None, verbose=master_process)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        fail(str(e))
+    model_args, D = encoder.args, encoder.args["dim"]
+    img_size = model_args["img_size"]
+    for split in ("train", "val"):
+        if not os.path.isdir(os.path.join(args.data_path, split)):
+            fail(f"missing split folder {os.path.join(args.data_path, split)} (expected train/ and val/)")
+    augment = not args.cached and not args.logreg and bool(args.train_aug)
+    train_set = ImageFolder(os.path.join(args.data_path, "train"), img_size, augment, args.crop_pct, args.seed, args.skip_bad_images)
+    val_set = ImageFolder(os.path.join(args.data_path, "val"), img_size, False, args.crop_pct, args.seed, args.skip_bad_images)
+    if train_set.classes != val_set.classes:
+        fail(f"train and val class folders differ: {sorted(set(train_set.classes) ^ set(val_set.classes))[:6]}")
+    C = len(train_set.classes)
+    if args.train_list or args.per_class:
+        train_set.samples = [train_set.samples[i] for i in
+                             select_train(train_set.samples, train_set.classes, args.train_list, args.per_class, args.seed)]
+    n_train = len(train_set)
+    if not args.logreg and n_train < args.batch_size:
+        fail(f"--batch_size {args.batch_size} is larger than the training set ({n_train} images)")
+    encoder.to(device)
+    if args.compile:
+        encoder = torch.compile(encoder)
+    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1) * 255
+
+    def normalize(x):  # (B, 3, S, S) uint8 on the device -> float, ImageNet mean/std
+        return (x.float() - mean) / std
+
+    def features(dataset, desc):  # (len(dataset), D) float32 on every rank; an unreadable image -> one line
+        try:
+            return extract_features(encoder, dataset, args.pool, D, args.batch_size, ddp_rank, ddp_world_size, device,
+                                    autocast, normalize, args.num_workers, desc)
+        except RuntimeError as e:  # a DataLoader worker re-raises with its traceback: keep the last line
+            fail(str(e).strip().splitlines()[-1])
+
+    def labels_of(dataset):
+        return torch.tensor([c for _, c in dataset.samples], device=device)
+
+    def log(entry):
+        with open(os.path.join(out_dir, "log.txt"), "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    if master_process:
+        mode = "logistic regression" if args.logreg else "cached features" if args.cached else \
+            "streaming, augmented" if augment else "streaming, centre crops"
+        print(f"probe ({mode}): encoder {model_args} from {args.init} ({args.pool} pooling, {dtype}), {n_train} train / "
+              f"{len(val_set)} val images, {C} classes, {ddp_world_size} process(es)")
+
+    # -------------------------------------------------------------------------
+    # low-shot logistic regression: features once, one convex fit (identical on every rank), top-1 on val
+    if args.logreg:
+        x, xv = features(train_set, "train"), features(val_set, "val")
+        if args.center == "train":  # the labelled set's mean feature
+            mu = x.mean(0)
+            x, xv = x - mu, xv - mu
+        else:  # each feature vector's own mean over its dimensions (cyanure.preprocess(columns=False, centering=True))
+            x, xv = x - x.mean(1, keepdim=True), xv - xv.mean(1, keepdim=True)
+        x, xv = F.normalize(x, dim=1), F.normalize(xv, dim=1)
+        lam = args.lambd / n_train
+        W, info = fit_logreg(x, labels_of(train_set), C, lam)
+        logits, yv = xv.double() @ W.T, labels_of(val_set)  # (Nv, C)
+        top1 = 100.0 * (logits.argmax(1) == yv).double().mean().item()
+        top5 = 100.0 * (logits.topk(min(5, C), dim=1).indices == yv[:, None]).any(1).double().mean().item()
+        if master_process:
+            print(f"logistic regression on {n_train} labelled images, lambda {args.lambd} / {n_train} = {lam:.3g}: "
+                  f"val top-1 {top1:.2f}%, top-5 {top5:.2f}% (L-BFGS {info['iters']} iterations, objective {info['loss']:.6g}, "
+                  f"within {info['gap']:.1e} of the minimum)")
+            if info["gap"] > 1e-6 * info["loss"]:
+                print(f"warning: L-BFGS stopped {info['gap']:.1e} from the minimum (objective {info['loss']:.3g}): not converged", file=sys.stderr)
+            log(dict(logreg_top1=round(top1, 4), logreg_top5=round(top5, 4), n_train=n_train, lambd=args.lambd,
+                     center=args.center, **info))
+            train_files = [f"{train_set.classes[c]}/{os.path.basename(p)}" for p, c in train_set.samples]
+            save_atomic(dict(stage="logreg", weight=W.cpu(), center=args.center, mean=mu.cpu() if args.center == "train" else None,
+                             lambd=args.lambd, top1=top1, top5=top5, pool=args.pool, classes=train_set.classes,
+                             encoder_init=args.init, which=args.which, model_args=model_args, img_size=img_size,
+                             crop_pct=args.crop_pct, train_files=train_files, args=vars(args)),
+                        os.path.join(out_dir, "logreg.pt"))
+            print(f"wrote {os.path.join(out_dir, 'logreg.pt')}")
+        if ddp:
+            dist.destroy_process_group()
+        return
+
+    # -------------------------------------------------------------------------
+    # linear heads, resumed or fresh
+    H = len(args.blrs)
+    heads = LinearHeads(D, C, H, args.seed).to(device)
+    # one group per head: its own lr; SGD momentum 0.9, weight decay 0 (authors)
+    optimizer = torch.optim.SGD([dict(params=list(lin.parameters())) for lin in heads.linears], lr=0.0,
+                                momentum=0.9, weight_decay=args.weight_decay)
+    lrs = [blr * args.batch_size / 256 for blr in args.blrs]
+    iter_num = 0
+    best = dict(head=None, blr=None, lr=None, top1=-1.0, top5=-1.0, epoch=None)  # over heads and evaluations
+    head_best, last = [-1.0] * H, None  # each head's best top-1; the last evaluation
+    resume_path = find_resume(args.resume, out_dir, "probe.pt")
+    if resume_path:
+        try:
+            ckpt = vit.load_checkpoint(resume_path, expect="probe")
+        except (ValueError, FileNotFoundError) as e:
+            fail(str(e))
+        for k in RESUME_FLAGS:
+            if ckpt["args"][k] != getattr(args, k):
+                fail(f"{resume_path} was made with --{k} {ckpt['args'][k]}, this run has --{k} {getattr(args, k)}")
+        heads.load_state_dict(ckpt["heads"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        iter_num, head_best, last = ckpt["iter_num"], ckpt["head_best"], ckpt["last"]
+        best = {k: ckpt[k] for k in best}
+        if master_process:
+            print(f"resuming from {resume_path} at iteration {iter_num}")
+        ckpt = None
+    raw_heads = heads
+
+    sampler = ShardSampler(n_train, args.batch_size, 0 if args.cached else ddp_rank, 1 if args.cached else ddp_world_size, args.seed)
+    steps_per_epoch = sampler.steps
+    max_iters = args.max_iters or args.epochs * steps_per_epoch
+    warmup_epochs = 0.1 * args.epochs if args.warmup_epochs < 0 else args.warmup_epochs
+    warmup_iters = round(warmup_epochs * steps_per_epoch)
+    eval_iters = args.eval_every * steps_per_epoch
+
+    # val features once (the encoder is frozen); cached mode: the train features too
+    val_feats, val_labels = features(val_set, "val"), labels_of(val_set)
+    if args.cached:
+        train_feats, train_labels = features(train_set, "train"), labels_of(train_set)
+    else:
+        loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size // ddp_world_size, sampler=sampler,
+                                             num_workers=args.num_workers, pin_memory=use_cuda,
+                                             persistent_workers=args.num_workers > 0)
+
+    def all_gather_cat(t):  # this rank's rows -> all ranks' rows in rank order, i.e. the global batch order
+        parts = [torch.empty_like(t) for _ in range(ddp_world_size)]
+        dist.all_gather(parts, t)
+        return torch.cat(parts)
+
+    def epoch_batches():
+        """(features (B, D) float32, labels (B,)) of the global batch of each remaining step of the
+        epoch, the same on every rank: every rank then takes the same head step (no DDP needed)."""
+        if args.cached:
+            order = torch.tensor([i for _, i in sampler], device=device)
+            for s in range(0, len(order), args.batch_size):
+                idx = order[s:s + args.batch_size]
+                yield train_feats[idx], train_labels[idx]
+        else:
+            for x, y, _ in loader:
+                with torch.no_grad(), autocast:
+                    f = vit.pool(encoder(normalize(x.to(device, non_blocking=True))), args.pool)
+                f, y = f.float().contiguous(), y.to(device)  # pooled rows are strided views; BN sums in memory order
+                yield (all_gather_cat(f), all_gather_cat(y)) if ddp else (f, y)
+
+    @torch.no_grad()
+    def evaluate():
+        """Val top-1 and top-5 (%) of every head."""
+        heads.eval()
+        hit1, hit5 = torch.zeros(H, dtype=torch.float64, device=device), torch.zeros(H, dtype=torch.float64, device=device)
+        for s in range(0, len(val_feats), 8192):
+            y = val_labels[s:s + 8192]
+            for h, z in enumerate(heads(val_feats[s:s + 8192])):  # (b, C)
+                hit1[h] += (z.argmax(1) == y).sum()
+                hit5[h] += (z.topk(min(5, C), dim=1).indices == y[:, None]).any(1).sum()
+        heads.train()
+        return (100.0 * hit1 / len(val_feats)).tolist(), (100.0 * hit5 / len(val_feats)).tolist()
+
+    def checkpoint():  # the best head so far (stage "probe"), and everything to resume
+        return dict(stage="probe", **best, head_args=dict(dim=D, classes=C), pool=args.pool, classes=train_set.classes,
+                    encoder_init=args.init, which=args.which, model_args=model_args, img_size=img_size,
+                    crop_pct=args.crop_pct, heads=raw_heads.state_dict(), optimizer=optimizer.state_dict(),
+                    iter_num=iter_num, head_best=head_best, last=last, args=vars(args))
+
+    # training loop
+    if master_process:
+        print(f"{H} heads, blrs {args.blrs} (lr {', '.join(f'{lr:.3g}' for lr in lrs)}), batch {args.batch_size}, "
+              f"{steps_per_epoch} steps/epoch, {max_iters} iterations")
+    pbar = tqdm(total=max_iters, initial=iter_num, disable=not master_process, dynamic_ncols=True)
+    heads.train()
+    t0, imgs_seen = time.time(), 0
+    while iter_num < max_iters:
+        sampler.set_epoch(iter_num // steps_per_epoch, start_step=iter_num % steps_per_epoch)
+        batches = epoch_batches()
+        for _ in range(iter_num % steps_per_epoch, min(steps_per_epoch, iter_num % steps_per_epoch + max_iters - iter_num)):
+            for g, lr in zip(optimizer.param_groups, lrs):
+                g["lr"] = get_lr(iter_num, lr, args.min_lr, warmup_iters, max_iters)
+            f, y = next(batches)  # (B, D), (B,): the global batch
+            losses = torch.stack([F.cross_entropy(z, y) for z in heads(f)])  # (H,)
+            losses.sum().backward()  # the heads share no parameter: each gets exactly its own gradient
+            if not torch.isfinite(losses).all():
+                fail(f"non-finite loss {losses.tolist()} at iteration {iter_num}; the last good checkpoint is in {out_dir}")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            iter_num += 1
+            imgs_seen += args.batch_size
+            pbar.update(1)
+            if iter_num % args.log_interval == 0 or iter_num == max_iters:
+                dt = time.time() - t0
+                entry = dict(iter=iter_num, epoch=round(iter_num / steps_per_epoch, 3),
+                             loss=[round(v, 5) for v in losses.tolist()], img_per_s=round(imgs_seen / dt, 1))
+                pbar.set_postfix(loss=f"{losses.min().item():.4f}", img_s=f"{entry['img_per_s']:.0f}")
+                if master_process:
+                    log(entry)
+                t0, imgs_seen = time.time(), 0
+            if iter_num % eval_iters == 0 or iter_num == max_iters:
+                top1, top5 = evaluate()
+                last = dict(top1=top1, top5=top5, epoch=round(iter_num / steps_per_epoch, 3))
+                head_best = [max(a, b) for a, b in zip(head_best, top1)]
+                h = max(range(H), key=lambda i: top1[i])  # first best head
+                if top1[h] > best["top1"]:
+                    best = dict(head=raw_heads.head(h).state_dict(), blr=args.blrs[h], lr=lrs[h], top1=top1[h],
+                                top5=top5[h], epoch=last["epoch"])
+                if master_process:
+                    log(dict(iter=iter_num, **last, best_top1=best["top1"], best_blr=best["blr"]))
+                    pbar.write(f"epoch {last['epoch']:g}: top-1 " + " ".join(f"{v:.2f}" for v in top1) +
+                               f" (blrs {' '.join(f'{b:g}' for b in args.blrs)}); best {best['top1']:.2f} (blr {best['blr']:g})")
+            # every rank stops at the same step when any rank got a signal
+            stop = torch.tensor(float(bool(stop_signal)), device=device)
+            if ddp:
+                dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+            if master_process and iter_num < max_iters and (iter_num % args.ckpt_interval == 0 or stop.item()):
+                save_atomic(checkpoint(), os.path.join(out_dir, f"ckpt_{iter_num:08d}.pt"))
+                for old in sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))[:-args.keep_last]:
+                    os.remove(old)
+            if stop.item():
+                if master_process:
+                    pbar.write(f"stopped by signal at iteration {iter_num}; to continue, run the same command with --resume auto")
+                if ddp:
+                    dist.destroy_process_group()
+                sys.exit(0)
+    pbar.close()
+    if master_process:
+        save_atomic(checkpoint(), os.path.join(out_dir, "probe.pt"))
+        if last is not None:
+            print(f"{'blr':>7} {'lr':>8} {'top-1':>7} {'top-5':>7} {'best top-1':>10}   (last evaluation: epoch {last['epoch']:g})")
+            for h in range(H):
+                print(f"{args.blrs[h]:>7g} {lrs[h]:>8.3g} {last['top1'][h]:>7.2f} {last['top5'][h]:>7.2f} {head_best[h]:>10.2f}")
+            print(f"best: top-1 {best['top1']:.2f}%, top-5 {best['top5']:.2f}% (blr {best['blr']:g}, lr {best['lr']:.3g}, "
+                  f"epoch {best['epoch']:g})")
+            log(dict(final=True, best_top1=best["top1"], best_top5=best["top5"], best_blr=best["blr"], best_epoch=best["epoch"],
+                     head_best=head_best, blrs=args.blrs))
+        print(f"wrote {os.path.join(out_dir, 'probe.pt')}")
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(parser.parse_args())

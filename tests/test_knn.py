@@ -1,0 +1,235 @@
+"""Tests for knn.py: the vote rule against a brute-force numpy reference (weights, ties, chunking,
+standardisation), the whole script against features computed here, 1 vs 2 processes, clear errors."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, make_image_folder, run_torchrun
+
+sys.path.insert(0, ROOT)
+import knn  # noqa: E402
+import vit  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """In-process runs like the subprocess ones (OMP_NUM_THREADS=1): tiny matmuls on a shared
+    2-core machine are slower on two threads, and results then match the subprocess runs."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# -----------------------------------------------------------------------------
+# independent references (float64 numpy)
+
+def knn_reference(bank, bank_labels, queries, k, T, num_classes, standardize=False):
+    """Brute force: cosine similarity to every bank row, the k most similar (a stable sort, so equal
+    similarities go by increasing bank index), votes exp(sim / T), the first class with the most votes."""
+    bank, queries = np.asarray(bank, np.float64), np.asarray(queries, np.float64)
+    if standardize:
+        mu, sd = bank.mean(0), np.maximum(bank.std(0), 1e-12)
+        bank, queries = (bank - mu) / sd, (queries - mu) / sd
+    bank = bank / np.linalg.norm(bank, axis=1, keepdims=True)
+    queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    preds = []
+    for q in queries:
+        sim = bank @ q
+        votes = np.zeros(num_classes)
+        for j in np.argsort(-sim, kind="stable")[:k]:
+            votes[bank_labels[j]] += np.exp(sim[j] / T)
+        preds.append(int(np.argmax(votes)))
+    return np.array(preds)
+
+
+def run_knn(bank, labels, queries, ks, T, C, chunk, standardize=False):
+    b, q = knn.prepare_features(torch.as_tensor(bank), torch.as_tensor(queries), standardize)
+    out = knn.knn_classify(b, torch.as_tensor(labels), q, ks, T, C, chunk)
+    return {k: v.numpy() for k, v in out.items()}
+
+
+def make_encoder(path, seed=0):
+    torch.manual_seed(seed)
+    m = vit.ViT(img_size=32, patch_size=4, dim=96, depth=2, heads=3)
+    torch.save(dict(stage="mae", model_args=m.args, encoder=m.state_dict()), path)
+    return str(path)
+
+
+def folder_features(enc_path, split_dir, pool="cls"):
+    """Features of every image of an image folder, computed here: PIL decode (32 px images, crop_pct 1
+    is the identity), ImageNet normalisation, the encoder, CLS token / mean of patch tokens."""
+    enc = vit.load_encoder(enc_path, verbose=False)
+    classes = sorted(os.listdir(split_dir))
+    paths, labels = [], []
+    for c, name in enumerate(classes):
+        for f in sorted(os.listdir(os.path.join(split_dir, name))):
+            paths.append(os.path.join(split_dir, name, f))
+            labels.append(c)
+    x = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths]).astype(np.float32)  # (N, H, W, 3)
+    x = (x - np.array([0.485, 0.456, 0.406], np.float32) * 255) / (np.array([0.229, 0.224, 0.225], np.float32) * 255)
+    with torch.no_grad():
+        tokens = enc(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous())  # (N, 1+P, D)
+    f = tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(1)
+    return f.double().numpy(), np.array(labels)
+
+
+def noise_folder(root, classes=3, per_class=7, val_per_class=5, seed=0):
+    """Images whose class is unrelated to their pixels: k-NN accuracies land between 0 and 100 and
+    depend on every neighbour, so matching the reference for several k means matching the votes."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", per_class), ("val", val_per_class)):
+        for c in range(classes):
+            os.makedirs(os.path.join(root, split, f"c{c}"))
+            for i in range(n):
+                img = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(img).save(os.path.join(root, split, f"c{c}", f"{i}.png"))
+    return str(root)
+
+
+def main_knn(*argv):
+    knn.main(knn.parser.parse_args([str(a) for a in argv]))
+
+
+def error_line(capsys, fn, *argv):
+    with pytest.raises(SystemExit) as e:
+        fn(*argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ")
+    return err[-1]
+
+
+# -----------------------------------------------------------------------------
+# the vote rule
+
+@pytest.mark.parametrize("T", [0.07, 0.5])
+def test_knn_matches_numpy_reference(T):
+    rng = np.random.default_rng(1)
+    C = 5
+    bank, queries = rng.normal(size=(60, 8)), rng.normal(size=(23, 8))
+    labels = rng.integers(0, C, 60)
+    ks = [1, 3, 10, 60]
+    ref = {k: knn_reference(bank, labels, queries, k, T, C) for k in ks}
+    if T == 0.5:  # at T 0.07 the nearest neighbour outweighs the rest; at 0.5 the k matter
+        assert len({tuple(r) for r in ref.values()}) == len(ks)
+    for chunk in (1, 7, 23, 1000):  # smaller than, equal to, larger than the query count
+        got = run_knn(bank, labels, queries, ks, T, C, chunk)
+        for k in ks:
+            np.testing.assert_array_equal(got[k], ref[k], err_msg=f"k={k} chunk={chunk}")
+
+
+def test_knn_weights_not_counts():
+    # one very close neighbour of class 0 against two far ones of class 1: exp(sim / T) decides
+    bank = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    labels = np.array([0, 1, 1])
+    q = np.array([[1.0, 0.3]])
+    assert run_knn(bank, labels, q, [3], 0.07, 2, 4)[3][0] == 0  # e^(0.958/0.07) >> 2 e^(0.287/0.07)
+    assert run_knn(bank, labels, q, [3], 100.0, 2, 4)[3][0] == 1  # at high T it is nearly a count
+    for T in (0.07, 100.0):
+        assert knn_reference(bank, labels, q, 3, T, 2)[0] == run_knn(bank, labels, q, [3], T, 2, 4)[3][0]
+
+
+def test_knn_ties():
+    # query orthogonal to every bank row: all similarities are exactly 0, so the neighbours are the
+    # k lowest bank indices and the votes are counts; vote ties go to the lowest class
+    e = np.eye(4)
+    bank = np.array([e[1], e[1], e[2], e[2], e[3], e[3], e[1]])
+    labels = np.array([2, 1, 1, 0, 0, 0, 2])
+    q = e[:1]
+    want = {1: 2, 2: 1, 3: 1, 4: 1, 5: 0, 6: 0}  # k=2: 2 vs 1 tie -> 1; k=4: 1 has 2, 0 has 1 ...
+    for chunk in (1, 3):
+        got = run_knn(bank, labels, q, list(want), 0.07, 3, chunk)
+        assert {k: int(v[0]) for k, v in got.items()} == want
+    for k, c in want.items():
+        assert knn_reference(bank, labels, q, k, 0.07, 3)[0] == c
+    # exact duplicates at the k-th place: the lower bank index is taken (k=1 -> label of row 1);
+    # both inside the k: equal weights, vote tie -> the lower class
+    bank = np.array([e[2], e[0], e[3], e[0], e[1]])
+    labels = np.array([0, 2, 0, 1, 0])
+    got = run_knn(bank, labels, q, [1, 2], 0.07, 3, 2)
+    assert int(got[1][0]) == 2 and int(got[2][0]) == 1
+    # many queries with ties in one chunk (the per-row redo) and without
+    rng = np.random.default_rng(0)
+    bank = e[rng.integers(0, 4, 40)]
+    labels = rng.integers(0, 3, 40)
+    queries = np.concatenate([e[rng.integers(0, 4, 9)], rng.normal(size=(9, 4))])
+    for k in (1, 5, 17):
+        ref = knn_reference(bank, labels, queries, k, 0.07, 3)
+        for chunk in (4, 18):
+            np.testing.assert_array_equal(run_knn(bank, labels, queries, [k], 0.07, 3, chunk)[k], ref)
+
+
+def test_knn_standardize():
+    rng = np.random.default_rng(2)
+    # a large offset and scale per dimension: standardising changes the neighbours
+    bank = rng.normal(size=(50, 6)) * [1, 10, 0.1, 5, 1, 1] + [0, 0, 3, 0, -2, 7]
+    queries = rng.normal(size=(20, 6)) * [1, 10, 0.1, 5, 1, 1] + [0, 0, 3, 0, -2, 7]
+    labels = rng.integers(0, 4, 50)
+    b, q = knn.prepare_features(torch.as_tensor(bank), torch.as_tensor(queries), True)
+    mu, sd = bank.mean(0), bank.std(0)
+    rb, rq = (bank - mu) / sd, (queries - mu) / sd
+    np.testing.assert_allclose(b.numpy(), rb / np.linalg.norm(rb, axis=1, keepdims=True), atol=1e-12)
+    np.testing.assert_allclose(q.numpy(), rq / np.linalg.norm(rq, axis=1, keepdims=True), atol=1e-12)
+    plain = knn_reference(bank, labels, queries, 5, 0.07, 4)
+    ref = knn_reference(bank, labels, queries, 5, 0.07, 4, standardize=True)
+    assert (plain != ref).any()
+    np.testing.assert_array_equal(run_knn(bank, labels, queries, [5], 0.07, 4, 8, standardize=True)[5], ref)
+
+
+def test_knn_k_larger_than_bank_function():
+    with pytest.raises(ValueError, match="larger than the bank"):
+        run_knn(np.eye(3), np.array([0, 1, 2]), np.eye(3), [4], 0.07, 3, 2)
+
+
+# -----------------------------------------------------------------------------
+# the script
+
+def test_knn_script_matches_reference(tmp_path):
+    data = noise_folder(tmp_path / "data")
+    enc = make_encoder(tmp_path / "enc.pt")
+    for pool in ("cls", "mean"):
+        out = tmp_path / f"out_{pool}"
+        main_knn("--data_path", data, "--init", enc, "--pool", pool, "--k", 1, 3, 21, "--crop_pct", 1,
+                 "--num_workers", 0, "--batch_size", 4, "--chunk", 4, "--out_dir", out)
+        entry = json.loads((out / "log.txt").read_text().splitlines()[-1])
+        bank, bl = folder_features(enc, os.path.join(data, "train"), pool)
+        queries, ql = folder_features(enc, os.path.join(data, "val"), pool)
+        assert entry["bank"] == 21 and entry["queries"] == 15
+        for k in (1, 3, 21):
+            ref = 100.0 * (knn_reference(bank, bl, queries, k, 0.07, 3) == ql).mean()
+            assert entry["knn_top1"][str(k)] == round(ref, 4), (pool, k)
+
+
+def test_knn_torchrun_two_processes_match_one(tmp_path):
+    data = noise_folder(tmp_path / "data")  # 21 bank / 15 queries: shards of unequal size
+    enc = make_encoder(tmp_path / "enc.pt", seed=3)
+    args = ["--data_path", data, "--init", enc, "--k", 1, 5, 10, "--crop_pct", 0.875, "--num_workers", 0,
+            "--batch_size", 4, "--chunk", 6]
+    main_knn(*args, "--out_dir", tmp_path / "one")
+    run_torchrun(2, "knn.py", *map(str, args), "--out_dir", str(tmp_path / "two"))
+    one = json.loads((tmp_path / "one" / "log.txt").read_text())
+    two = json.loads((tmp_path / "two" / "log.txt").read_text())
+    assert one["knn_top1"] == two["knn_top1"]
+    assert 0 < min(one["knn_top1"].values()) < 100  # not a trivial score
+
+
+def test_knn_errors(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=3, val_per_class=1)
+    enc = make_encoder(tmp_path / "enc.pt")
+    line = error_line(capsys, main_knn, "--data_path", data, "--init", enc, "--k", 7, "--num_workers", 0)
+    assert "--k 7 is larger than the bank (6 train images)" in line
+    head = tmp_path / "probe.pt"  # a head file: no encoder inside
+    torch.save(dict(stage="probe", head={}, encoder_init="out/mae/mae.pt"), head)
+    line = error_line(capsys, main_knn, "--data_path", data, "--init", head, "--k", 1, "--num_workers", 0)
+    assert "probe checkpoint" in line and "holds no encoder" in line and "out/mae/mae.pt" in line
+    line = error_line(capsys, main_knn, "--data_path", data, "--init", tmp_path / "nope.pt", "--num_workers", 0)
+    assert "not found" in line
+    (tmp_path / "data" / "val" / "class_1" / "zz.jpg").write_bytes(b"not a jpeg")
+    line = error_line(capsys, main_knn, "--data_path", data, "--init", enc, "--k", 1, "--num_workers", 0)
+    assert "unreadable image" in line and "zz.jpg" in line

@@ -1,0 +1,341 @@
+"""Tests for probe.py: independent heads, the head file, cached == streaming, resume and SIGTERM,
+1 vs 2 processes, the logistic regression against float64 references, labelled-set selection, errors."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from conftest import ROOT, make_image_folder, run_torchrun
+
+sys.path.insert(0, ROOT)
+import probe  # noqa: E402
+import vit  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """In-process runs like the subprocess ones (OMP_NUM_THREADS=1): tiny matmuls on a shared
+    2-core machine are slower on two threads, and results then match the subprocess runs."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def no_signal_handlers(monkeypatch):
+    """probe.main runs in this process: keep pytest's own SIGTERM handling."""
+    monkeypatch.setattr(signal, "signal", lambda *a: None)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    data = make_image_folder(tmp_path / "data")  # 3 classes, 24 train / 12 val images of 32 px
+    torch.manual_seed(0)
+    m = vit.ViT(img_size=32, patch_size=4, dim=96, depth=2, heads=3)
+    enc = tmp_path / "enc.pt"
+    torch.save(dict(stage="mae", model_args=m.args, encoder=m.state_dict()), enc)
+    return tmp_path, data, str(enc)
+
+
+def base(data, enc, out, *extra):
+    return ["--data_path", data, "--init", enc, "--out_dir", out, "--crop_pct", 1, "--num_workers", 0,
+            "--batch_size", 8, "--epochs", 3, "--log_interval", 1, *extra]
+
+
+def run_probe(*argv):
+    probe.main(probe.parser.parse_args([str(a) for a in argv]))
+
+
+def load(out, name="probe.pt"):
+    return torch.load(os.path.join(out, name), map_location="cpu", weights_only=False)
+
+
+def evals(out):  # the per-evaluation JSON lines
+    lines = [json.loads(x) for x in open(os.path.join(out, "log.txt"))]
+    return [e for e in lines if "top1" in e]
+
+
+def error_line(capsys, *argv):
+    with pytest.raises(SystemExit) as e:
+        run_probe(*argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ")
+    return err[-1]
+
+
+def folder_features(enc_path, split_dir, paths=None):
+    """CLS features computed here: PIL decode (32 px images, crop_pct 1 is the identity), ImageNet
+    normalisation, the encoder."""
+    enc = vit.load_encoder(enc_path, verbose=False)
+    classes = sorted(os.listdir(split_dir))
+    if paths is None:
+        paths = [f"{c}/{f}" for c in classes for f in sorted(os.listdir(os.path.join(split_dir, c)))]
+    labels = np.array([classes.index(p.split("/")[0]) for p in paths])
+    x = np.stack([np.asarray(Image.open(os.path.join(split_dir, p)).convert("RGB")) for p in paths]).astype(np.float32)
+    x = (x - np.array([0.485, 0.456, 0.406], np.float32) * 255) / (np.array([0.229, 0.224, 0.225], np.float32) * 255)
+    with torch.no_grad():
+        f = enc(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous())[:, 0]
+    return f.double().numpy(), labels
+
+
+# -----------------------------------------------------------------------------
+# float64 reference for the logistic regression: damped Newton in numpy
+
+def lr_objective(W, X, y, lam):
+    Z = X @ W.T
+    m = Z.max(1, keepdims=True)
+    lse = (m[:, 0] + np.log(np.exp(Z - m).sum(1)))
+    return (lse - Z[np.arange(len(y)), y]).mean() + lam / 2 * (W ** 2).sum()
+
+
+def lr_gradient(W, X, y, lam):
+    Z = X @ W.T
+    P = np.exp(Z - Z.max(1, keepdims=True))
+    P /= P.sum(1, keepdims=True)
+    P[np.arange(len(y)), y] -= 1
+    return P.T @ X / len(y) + lam * W
+
+
+def lr_newton(X, y, C, lam, iters=200):
+    n, D = X.shape
+    W = np.zeros((C, D))
+    for _ in range(iters):
+        g = lr_gradient(W, X, y, lam).ravel()
+        Z = X @ W.T
+        P = np.exp(Z - Z.max(1, keepdims=True))
+        P /= P.sum(1, keepdims=True)
+        Hs = sum(np.kron(np.diag(p) - np.outer(p, p), np.outer(x, x)) for p, x in zip(P, X)) / n
+        step = np.linalg.solve(Hs + lam * np.eye(C * D), g).reshape(C, D)
+        if g @ step.ravel() < 1e-24:  # Newton decrement: f(W) - min f is about half of it
+            break
+        t, f0 = 1.0, lr_objective(W, X, y, lam)
+        while lr_objective(W - t * step, X, y, lam) > f0 - 1e-4 * t * (g @ step.ravel()) and t > 1e-10:
+            t /= 2
+        W = W - t * step
+    return W
+
+
+# -----------------------------------------------------------------------------
+# the heads
+
+def test_heads_are_independent_and_the_bn_has_no_parameters(setup):
+    tmp, data, enc = setup
+    run_probe(*base(data, enc, tmp / "both", "--cached", 1, "--blrs", 0.3, 0.02))
+    run_probe(*base(data, enc, tmp / "a", "--cached", 1, "--blrs", 0.3))
+    run_probe(*base(data, enc, tmp / "b", "--cached", 1, "--blrs", 0.02))
+    both, a, b = load(tmp / "both")["heads"], load(tmp / "a")["heads"], load(tmp / "b")["heads"]
+    for one, i in ((a, 0), (b, 1)):  # head i of the joint run is that head trained alone, bit for bit
+        for k in ("weight", "bias"):
+            assert torch.equal(both[f"linears.{i}.{k}"], one[f"linears.0.{k}"])
+        for k in ("running_mean", "running_var"):
+            assert torch.equal(both[f"norm.{k}"], one[f"norm.{k}"])
+    assert not torch.allclose(both["linears.0.weight"], both["linears.1.weight"])  # the lrs did matter
+    for e_both, e_a, e_b in zip(evals(tmp / "both"), evals(tmp / "a"), evals(tmp / "b")):
+        assert e_both["top1"] == e_a["top1"] + e_b["top1"] and e_both["top5"] == e_a["top5"] + e_b["top5"]
+    # the module: BatchNorm1d without affine parameters, one Linear per head, all from the same init
+    heads = probe.LinearHeads(96, 3, 4, seed=0)
+    assert [n for n, _ in heads.named_parameters()] == [f"linears.{i}.{k}" for i in range(4) for k in ("weight", "bias")]
+    assert heads.norm.weight is None and heads.norm.bias is None and not heads.norm.affine
+    w = heads.linears[0].weight
+    assert all(torch.equal(lin.weight, w) for lin in heads.linears) and all((lin.bias == 0).all() for lin in heads.linears)
+    assert 0.008 < w.std().item() < 0.012 and w.abs().max().item() <= 0.02  # trunc-normal std 0.01, cut at 2 std
+    assert not torch.equal(w, probe.LinearHeads(96, 3, 1, seed=1).linears[0].weight)
+
+
+def noise_folder(root, classes=3, per_class=8, val_per_class=8, seed=0):
+    """Images whose class is unrelated to their pixels: val accuracy goes up and down over epochs."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", per_class), ("val", val_per_class)):
+        for c in range(classes):
+            os.makedirs(os.path.join(root, split, f"class_{c}"))
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(os.path.join(root, split, f"class_{c}", f"{i}.png"))
+    return str(root)
+
+
+def test_head_file_holds_the_best_head(setup):
+    tmp, _, enc = setup
+    data = noise_folder(tmp / "noise")
+    run_probe(*base(data, enc, tmp / "p", "--cached", 1, "--blrs", 0.05, 2.0, "--epochs", 6))
+    ck = load(tmp / "p")
+    assert ck["stage"] == "probe" and ck["pool"] == "cls" and ck["encoder_init"] == enc
+    assert ck["classes"] == ["class_0", "class_1", "class_2"]
+    assert set(ck["head"]) == {"0.running_mean", "0.running_var", "0.num_batches_tracked", "1.weight", "1.bias"}
+    # the best over heads and evaluations, the first time it was reached: here head 1 after epoch 1
+    ev = evals(tmp / "p")
+    best = max(max(e["top1"]) for e in ev)
+    first = next(e for e in ev if max(e["top1"]) == best)
+    assert (ck["top1"], ck["epoch"], ck["blr"]) == (best, first["epoch"], [0.05, 2.0][first["top1"].index(best)])
+    assert ck["epoch"] < ev[-1]["epoch"] and ck["blr"] == 2.0 and ck["lr"] == 2.0 * 8 / 256
+    assert not torch.equal(ck["head"]["1.weight"], ck["heads"]["linears.1.weight"])  # a snapshot, not the last
+    head = probe.make_head(**ck["head_args"])
+    head.load_state_dict(ck["head"])  # strict
+    head.eval()
+    x, y = folder_features(enc, os.path.join(data, "val"))
+    with torch.no_grad():
+        pred = head(torch.from_numpy(x).float()).argmax(1).numpy()
+    assert ck["top1"] == 100.0 * (pred == y).mean()
+    # what the head's BatchNorm does in eval mode, as a formula
+    bn = (x - ck["head"]["0.running_mean"].double().numpy()) / np.sqrt(ck["head"]["0.running_var"].double().numpy() + 1e-6)
+    ref = bn @ ck["head"]["1.weight"].double().numpy().T + ck["head"]["1.bias"].double().numpy()
+    np.testing.assert_array_equal(ref.argmax(1), pred)
+
+
+def test_cached_equals_streaming_on_centre_crops(setup):
+    tmp, data, enc = setup
+    run_probe(*base(data, enc, tmp / "cached", "--cached", 1, "--blrs", 0.2, 0.05))
+    run_probe(*base(data, enc, tmp / "stream", "--train_aug", 0, "--blrs", 0.2, 0.05))
+    c, s = load(tmp / "cached")["heads"], load(tmp / "stream")["heads"]
+    for k in c:
+        torch.testing.assert_close(c[k], s[k], rtol=0, atol=1e-6)
+    assert evals(tmp / "cached") == evals(tmp / "stream")
+    # the augmented stream sees other crops: other heads
+    run_probe(*base(data, enc, tmp / "aug", "--blrs", 0.2, 0.05))
+    assert not torch.allclose(load(tmp / "aug")["heads"]["linears.0.weight"], c["linears.0.weight"], atol=1e-4)
+
+
+def test_resume_is_bit_identical(setup):
+    tmp, data, enc = setup
+    args = base(data, enc, tmp / "full", "--blrs", 0.2, 0.05, "--epochs", 4)  # streaming, augmented: 12 steps
+    run_probe(*args)
+    cut = base(data, enc, tmp / "cut", "--blrs", 0.2, 0.05, "--epochs", 4, "--ckpt_interval", 5, "--keep_last", 0)
+    run_probe(*cut)
+    os.remove(tmp / "cut" / "probe.pt")
+    os.remove(tmp / "cut" / "ckpt_00000010.pt")  # as if stopped at step 5
+    run_probe(*cut, "--resume", "auto")
+    full, resumed = load(tmp / "full"), load(tmp / "cut")
+    assert resumed["iter_num"] == full["iter_num"] == 12
+    for k in full["heads"]:
+        assert torch.equal(full["heads"][k], resumed["heads"][k])
+    for k in ("top1", "top5", "blr", "epoch", "head_best", "last"):
+        assert full[k] == resumed[k]
+
+
+def test_sigterm_checkpoints_and_resumes(setup):
+    tmp, data, enc = setup
+    args = [sys.executable, "probe.py", *map(str, base(data, enc, tmp / "s", "--blrs", 0.1, "--epochs", 100000))]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp / "s" / "log.txt"
+    t0 = time.time()
+    while not (log.exists() and len(log.read_text().splitlines()) >= 3) and time.time() - t0 < 60:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == 0, out
+    assert "stopped by signal at iteration" in out and "--resume auto" in out
+    ckpts = sorted((tmp / "s").glob("ckpt_*.pt"))
+    assert len(ckpts) == 1
+    stopped = int(ckpts[0].stem.split("_")[1])
+    assert stopped >= 3 and load(tmp / "s", ckpts[0].name)["iter_num"] == stopped
+    # continue (with a shorter horizon) from exactly that step
+    p = subprocess.run(args + ["--resume", "auto", "--max_iters", str(stopped + 2)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f"at iteration {stopped}" in p.stdout and load(tmp / "s")["iter_num"] == stopped + 2
+
+
+def test_torchrun_two_processes_match_one(setup):
+    tmp, data, enc = setup
+    args = base(data, enc, tmp / "one", "--cached", 1, "--blrs", 0.2, 0.05)
+    run_probe(*args)
+    run_torchrun(2, "probe.py", *map(str, base(data, enc, tmp / "two", "--cached", 1, "--blrs", 0.2, 0.05)))
+    assert evals(tmp / "one") == evals(tmp / "two")
+    one, two = load(tmp / "one"), load(tmp / "two")
+    for k in one["heads"]:
+        torch.testing.assert_close(one["heads"][k], two["heads"][k], rtol=0, atol=1e-6)
+    assert one["top1"] == two["top1"] and one["blr"] == two["blr"]
+
+
+# -----------------------------------------------------------------------------
+# logistic regression
+
+def test_logreg_known_optimum():
+    # x = +1 (class 0), x = -1 (class 1): by symmetry W = [a, -a] with lam a (1 + e^(2a)) = 1
+    lam = 0.05
+    lo, hi = 0.0, 1.0 / lam
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if lam * mid * (1 + math.exp(2 * mid)) < 1 else (lo, mid)
+    W, info = probe.fit_logreg(torch.tensor([[1.0], [-1.0]]), torch.tensor([0, 1]), 2, lam)
+    assert abs(W[0, 0].item() - lo) < 1e-9 and abs(W[1, 0].item() + lo) < 1e-9
+    assert info["gap"] <= 1e-6 * info["loss"]
+
+
+@pytest.mark.parametrize("lam", [1e-2, 0.00025 / 40])
+def test_logreg_matches_newton(lam):
+    rng = np.random.default_rng(0)
+    C, D, n = 4, 6, 40
+    centres = rng.normal(size=(C, D)) * 3
+    y = np.arange(n) % C
+    X = centres[y] + rng.normal(size=(n, D))
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    W, info = probe.fit_logreg(torch.from_numpy(X), torch.from_numpy(y), C, lam)
+    W = W.numpy()
+    ref = lr_newton(X, y, C, lam)
+    f, f_ref = lr_objective(W, X, y, lam), lr_objective(ref, X, y, lam)
+    assert abs(f - f_ref) <= 1e-9 * f_ref and abs(info["loss"] - f) < 1e-12
+    assert np.linalg.norm(lr_gradient(W, X, y, lam)) < 1e-6
+    # strong convexity: ||W - W*|| <= ||grad f(W)|| / lam
+    assert np.linalg.norm(W - ref) <= np.linalg.norm(lr_gradient(W, X, y, lam)) / lam + 1e-9
+    assert ((X @ W.T).argmax(1) == y).all()  # separable: the optimum classifies the training set
+
+
+def test_logreg_script_and_train_selection(setup, capsys):
+    tmp, data, enc = setup
+    run_probe(*base(data, enc, tmp / "lr", "--logreg", 1, "--per_class", 2, "--seed", 1))
+    ck = load(tmp / "lr", "logreg.pt")
+    assert ck["stage"] == "logreg" and len(ck["train_files"]) == 6
+    assert sorted(f.split("/")[0] for f in ck["train_files"]) == ["class_0"] * 2 + ["class_1"] * 2 + ["class_2"] * 2
+    # the same classifier computed here: labelled-set mean, L2 norm, Newton, top-1 on val
+    X, y = folder_features(enc, os.path.join(data, "train"), ck["train_files"])
+    Xv, yv = folder_features(enc, os.path.join(data, "val"))
+    mu = X.mean(0)
+    X, Xv = X - mu, Xv - mu
+    X, Xv = X / np.linalg.norm(X, axis=1, keepdims=True), Xv / np.linalg.norm(Xv, axis=1, keepdims=True)
+    lam = 0.00025 / 6
+    W = lr_newton(X, y, 3, lam)
+    assert ck["top1"] == 100.0 * ((Xv @ W.T).argmax(1) == yv).mean()
+    f = lr_objective(ck["weight"].numpy(), X, y, lam)
+    assert abs(f - lr_objective(W, X, y, lam)) < 1e-6 * f
+    entry = json.loads(open(tmp / "lr" / "log.txt").read().splitlines()[-1])
+    assert entry["logreg_top1"] == round(ck["top1"], 4) and entry["n_train"] == 6
+    # --train_list: exactly the listed images; class/name where names repeat across classes
+    names = ["class_0/0001.jpg", "class_2/0003.png", "class_1/0005.jpg"]
+    (tmp / "list.txt").write_text("\n".join(names) + "\n\n")
+    run_probe(*base(data, enc, tmp / "lst", "--logreg", 1, "--train_list", tmp / "list.txt"))
+    assert sorted(load(tmp / "lst", "logreg.pt")["train_files"]) == sorted(names)
+    (tmp / "bad.txt").write_text("class_0/0001.jpg\nclass_1/9999.jpg\nmissing.jpg\n")
+    line = error_line(capsys, *base(data, enc, tmp / "x", "--logreg", 1, "--train_list", tmp / "bad.txt"))
+    assert "2 of 3 names" in line and "class_1/9999.jpg" in line and "missing.jpg" in line
+    (tmp / "amb.txt").write_text("0001.jpg\n")  # in all three class folders
+    line = error_line(capsys, *base(data, enc, tmp / "x", "--logreg", 1, "--train_list", tmp / "amb.txt"))
+    assert "several class folders" in line and "0001.jpg" in line
+    line = error_line(capsys, *base(data, enc, tmp / "x", "--logreg", 1, "--per_class", 9))
+    assert "--per_class 9" in line and "only 8" in line
+
+
+def test_errors(setup, capsys):
+    tmp, data, enc = setup
+    run_probe(*base(data, enc, tmp / "p", "--cached", 1, "--blrs", 0.1, "--epochs", 1))
+    head = str(tmp / "p" / "probe.pt")  # a head file given as the encoder
+    line = error_line(capsys, *base(data, head, tmp / "x", "--cached", 1))
+    assert "probe checkpoint" in line and "holds no encoder" in line and enc in line
+    line = error_line(capsys, *base(data, enc, tmp / "x", "--batch_size", 32))
+    assert "--batch_size 32 is larger than the training set (24 images)" in line
+    line = error_line(capsys, *base(data, enc, tmp / "p", "--cached", 1, "--blrs", 0.2, "--resume", "auto"))
+    assert "--blrs" in line  # resuming with other heads than the checkpoint's
+    (tmp / "data" / "val" / "class_2" / "zz.jpg").write_bytes(b"not a jpeg")
+    line = error_line(capsys, *base(data, enc, tmp / "x", "--cached", 1))
+    assert "unreadable image" in line and "zz.jpg" in line
