@@ -93,6 +93,7 @@ def noise_folder(root, classes=3, per_class=7, val_per_class=5, seed=0):
 
 
 def main_knn(*argv):
+    argv = argv if "--device" in argv else (*argv, "--device", "cpu")
     knn.main(knn.parser.parse_args([str(a) for a in argv]))
 
 
@@ -212,7 +213,7 @@ def test_knn_torchrun_two_processes_match_one(tmp_path):
     args = ["--data_path", data, "--init", enc, "--k", 1, 5, 10, "--crop_pct", 0.875, "--num_workers", 0,
             "--batch_size", 4, "--chunk", 6]
     main_knn(*args, "--out_dir", tmp_path / "one")
-    run_torchrun(2, "knn.py", *map(str, args), "--out_dir", str(tmp_path / "two"))
+    run_torchrun(2, "knn.py", *map(str, args), "--out_dir", str(tmp_path / "two"), "--device", "cpu")
     one = json.loads((tmp_path / "one" / "log.txt").read_text())
     two = json.loads((tmp_path / "two" / "log.txt").read_text())
     assert one["knn_top1"] == two["knn_top1"]
@@ -233,3 +234,24 @@ def test_knn_errors(tmp_path, capsys):
     (tmp_path / "data" / "val" / "class_1" / "zz.jpg").write_bytes(b"not a jpeg")
     line = error_line(capsys, main_knn, "--data_path", data, "--init", enc, "--k", 1, "--num_workers", 0)
     assert "unreadable image" in line and "zz.jpg" in line
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_knn_cuda_matches_cpu(tmp_path):
+    # the vote rule on the GPU (whose topk orders ties its own way): the same predictions as on the CPU
+    rng = np.random.default_rng(4)
+    e = np.eye(4, dtype=np.float32)
+    bank = np.concatenate([rng.normal(size=(3000, 4)).astype(np.float32), e[rng.integers(0, 4, 3000)]])
+    queries = np.concatenate([rng.normal(size=(200, 4)).astype(np.float32), e[rng.integers(0, 4, 100)]])
+    labels = rng.integers(0, 7, 6000)
+    b, q = knn.prepare_features(torch.from_numpy(bank), torch.from_numpy(queries))
+    cpu = knn.knn_classify(b, torch.from_numpy(labels), q, [1, 10, 50], 0.07, 7, 64)
+    gpu = knn.knn_classify(b.cuda(), torch.from_numpy(labels).cuda(), q.cuda(), [1, 10, 50], 0.07, 7, 64)
+    for k in cpu:
+        assert torch.equal(cpu[k], gpu[k].cpu()), k
+    np.testing.assert_array_equal(cpu[50][200:].numpy(), knn_reference(bank, labels, queries[200:], 50, 0.07, 7))
+    data = make_image_folder(tmp_path / "data")
+    enc = make_encoder(tmp_path / "enc.pt")
+    main_knn("--data_path", data, "--init", enc, "--k", 1, 5, "--num_workers", 0, "--device", "cuda",
+             "--dtype", "bfloat16", "--out_dir", tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "log.txt").read_text())["knn_top1"] == {"1": 100.0, "5": 100.0}

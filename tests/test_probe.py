@@ -49,7 +49,7 @@ def setup(tmp_path):
 
 def base(data, enc, out, *extra):
     return ["--data_path", data, "--init", enc, "--out_dir", out, "--crop_pct", 1, "--num_workers", 0,
-            "--batch_size", 8, "--epochs", 3, "--log_interval", 1, *extra]
+            "--batch_size", 8, "--epochs", 3, "--log_interval", 1, "--device", "cpu", *extra]
 
 
 def run_probe(*argv):
@@ -339,3 +339,18 @@ def test_errors(setup, capsys):
     (tmp / "data" / "val" / "class_2" / "zz.jpg").write_bytes(b"not a jpeg")
     line = error_line(capsys, *base(data, enc, tmp / "x", "--cached", 1))
     assert "unreadable image" in line and "zz.jpg" in line
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_probe_cuda(setup):
+    tmp, data, enc = setup
+    cuda = ["--device", "cuda", "--dtype", "bfloat16"]
+    run_probe(*base(data, enc, tmp / "c", "--cached", 1, "--blrs", 0.5, 0.05), *cuda)
+    run_probe(*base(data, enc, tmp / "s", "--blrs", 0.5, 0.05), *cuda)
+    for out in ("c", "s"):
+        ck = load(tmp / out)
+        assert ck["iter_num"] == 9 and ck["top1"] == 100.0 and ck["head"]["1.weight"].device.type == "cpu"
+    run_probe(*base(data, enc, tmp / "lg", "--logreg", 1, "--per_class", 3), *cuda)
+    run_probe(*base(data, enc, tmp / "lc", "--logreg", 1, "--per_class", 3))
+    g, c = load(tmp / "lg", "logreg.pt"), load(tmp / "lc", "logreg.pt")
+    assert g["train_files"] == c["train_files"] and g["top1"] == c["top1"]
