@@ -391,8 +391,9 @@ def main(args):
         fail("--logreg 1 and --cached 1 are two different classifiers; choose one")
     if args.train_list and args.per_class:
         fail("--train_list and --per_class both pick the labelled images; choose one")
-    if min(args.blrs) <= 0 or args.eval_every < 1 or args.lambd <= 0 or args.per_class < 0 or not 0 < args.crop_pct <= 1:
-        fail("--blrs, --eval_every and --lambd must be positive, --per_class >= 0, --crop_pct in (0, 1]")
+    if min(args.blrs) <= 0 or args.eval_every < 1 or args.lambd <= 0 or args.per_class < 0 or not 0 < args.crop_pct <= 1 \
+            or (args.epochs < 1 and args.max_iters < 1):
+        fail("--blrs, --eval_every, --lambd and --epochs (or --max_iters) must be positive, --per_class >= 0, --crop_pct in (0, 1]")
     out_dir = args.out_dir
     if master_process:
         os.makedirs(out_dir, exist_ok=True)
