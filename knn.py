@@ -101,9 +101,9 @@ class ImageFolder(torch.utils.data.Dataset):
                 f = min(min(b[2] - b[0], b[3] - b[1]) for b in boxes) / self.img_size
                 if f >= 2:
                     img.draft(None, (math.ceil(w / f), math.ceil(h / f)))
-                img = img.convert("RGB")
-                s = img.size[0] / w
-                return [img.resize((self.img_size, self.img_size), Image.BICUBIC, box=tuple(v * s for v in b))
+                k = round(w / img.size[0])  # the draft's DCT scale (1, 2, 4 or 8); it rounds sides up
+                img = img if img.mode == "RGB" else img.convert("RGB")
+                return [img.resize((self.img_size, self.img_size), Image.BICUBIC, box=tuple(v / k for v in b))
                         for b in boxes], self.samples[(i + attempt) % len(self.samples)][1]
             except OSError as e:
                 if not self.skip_bad:

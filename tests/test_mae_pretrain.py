@@ -102,6 +102,9 @@ def test_image_folder_crops_are_deterministic(tmp_path):
         assert x.shape == (2, 3, 32, 32) and x.dtype == torch.uint8 and idx == i
         assert torch.equal(x, ds[(3, i)][0])  # a function of (seed, epoch, index)
     assert not torch.equal(ds[(3, 0)][0], ds[(4, 0)][0])
+    big = [i for i, (p, _) in enumerate(ds.samples) if p.endswith("big.jpg")][0]
+    for epoch in range(200):  # reduced-size decoding rounds sides up: crops at the edges must stay inside
+        assert ds[(epoch, big)][0].shape == (2, 3, 32, 32)
     val = mae_pretrain.ImageFolder(os.path.join(root, "val"), 32, 1, False)
     assert val[(0, 0)][0].shape == (1, 3, 32, 32)
 
