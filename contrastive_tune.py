@@ -1,0 +1,665 @@
+"""
+Stage 3 of MAE-CT: contrastive tuning. The upper half of the MAE encoder is trained with the
+NNCLR objective of stage 2 (the head, its queue of nearest neighbours), the lower half stays
+frozen; no masking, no decoder. The EMA of the tuned encoder is what the authors evaluate.
+
+Single process (CPU or one GPU):
+    python contrastive_tune.py --data_path DATA --init out/mae/mae.pt --head out/head/head.pt --out_dir out/ct
+Several GPUs (the global --batch_size is split over the processes; defaults = ViT-B/16 MAE-CT):
+    torchrun --nproc_per_node 8 contrastive_tune.py --data_path DATA --init mae.pt --head head.pt
+
+Writes out_dir/ct.pt (vit.load_encoder("ct.pt") gives the EMA encoder, which="online" the other),
+periodic out_dir/ckpt_*.pt and out_dir/log.txt (JSON lines: loss, nearest-neighbour accuracy, img/s).
+"""
+import argparse
+import copy
+import glob
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import vit
+
+# -----------------------------------------------------------------------------
+# flags (defaults: the authors' ViT-B/16 MAE-CT recipe, REFERENCE §4)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--data_path", required=True, help="image folder with train/<class>/*")
+parser.add_argument("--out_dir", default="out/ct")
+parser.add_argument("--init", default="", help="the encoder: mae.pt, a facebookresearch/mae or MAE-CT release")
+parser.add_argument("--head", default="", help="head.pt of nnclr_head.py (projector, predictor, filled queue)")
+parser.add_argument("--resume", default="", help="a checkpoint to continue, or 'auto' for the newest in out_dir")
+parser.add_argument("--img_size", type=int, default=0, help="0 = the head's (= its encoder's)")
+parser.add_argument("--pool", default="", choices=["", "cls", "mean"], help="'' = the pooling the head was trained with")
+parser.add_argument("--freeze_blocks", type=int, default=-1, help="frozen lower blocks; -1 = depth // 2")
+parser.add_argument("--layer_decay", type=float, default=0.65, help="block b of depth d: lr x layer_decay^(d - b)")
+parser.add_argument("--topk", type=int, default=20, help="neighbour drawn uniformly from the top k of the queue")
+parser.add_argument("--temperature", type=float, default=0.15)
+parser.add_argument("--target_ema", type=float, default=0.99, help="EMA of the target projector (authors: 0.995 for H)")
+parser.add_argument("--encoder_ema", type=float, default=0.9999, help="EMA of the encoder (evaluated)")
+parser.add_argument("--aug", type=int, default=0, help="1: MAE-CT_aug views (colour jitter, blur, grayscale, solarize)")
+parser.add_argument("--epochs", type=int, default=20)
+parser.add_argument("--warmup_epochs", type=float, default=-1, help="-1 = 20%% of the run")
+parser.add_argument("--batch_size", type=int, default=1024, help="images per optimizer step, over all processes")
+parser.add_argument("--grad_accum", type=int, default=1, help="split each process's batch into this many micro-batches")
+parser.add_argument("--blr", type=float, default=1e-4, help="encoder: lr = blr * batch_size * 2 views / 256")
+parser.add_argument("--head_blr", type=float, default=1e-4, help="head (MAE-CT_aug: 5e-4)")
+parser.add_argument("--min_lr", type=float, default=0.0)
+parser.add_argument("--weight_decay", type=float, default=0.05, help="encoder")
+parser.add_argument("--head_weight_decay", type=float, default=1e-5)
+parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+parser.add_argument("--compile", type=int, default=0)
+parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+parser.add_argument("--num_workers", type=int, default=8, help="data loader processes per GPU/process")
+parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--log_interval", type=int, default=20, help="iterations")
+parser.add_argument("--ckpt_interval", type=int, default=1000, help="iterations between checkpoints")
+parser.add_argument("--keep_last", type=int, default=2, help="periodic checkpoints kept (0 = all)")
+parser.add_argument("--skip_bad_images", type=int, default=0, help="1: log unreadable images and use another")
+parser.add_argument("--max_iters", type=int, default=0, help="stop after this many iterations (0 = epochs)")
+
+
+def fail(msg):  # one clear line, every rank stops
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+# -----------------------------------------------------------------------------
+# data: image folder -> two uint8 views per image (normalised on the device)
+IMG_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
+
+
+def scan_image_folder(root):
+    """[(path, class_index)], classes: sorted subfolder names. Fails loudly on an empty layout."""
+    if not os.path.isdir(root):
+        fail(f"image folder not found: {root}")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    if not classes:
+        fail(f"no class folders in {root} (expected {root}/<class>/<image>)")
+    samples = []
+    for c, name in enumerate(classes):
+        files = sorted(f for f in os.listdir(os.path.join(root, name)) if f.lower().endswith(IMG_EXTS))
+        if not files:
+            fail(f"class folder {os.path.join(root, name)} holds no images ({', '.join(IMG_EXTS)})")
+        samples += [(os.path.join(root, name, f), c) for f in files]
+    return samples, classes
+
+
+def random_resized_crop(rng, w, h, scale, ratio=(3 / 4, 4 / 3)):
+    """Crop box (left, top, right, bottom) of RandomResizedCrop, drawn with `rng`."""
+    area = w * h
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+            return x, y, x + cw, y + ch
+    aspect = min(max(w / h, ratio[0]), ratio[1])  # fall back to a centre crop
+    cw, ch = (w, round(w / aspect)) if w / h < aspect else (round(h * aspect), h)
+    cw, ch = min(cw, w), min(ch, h)
+    return (w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch
+
+
+def adjust_hue(img, shift):
+    """Rotate the hue by `shift` of a full turn (|shift| <= 0.5), in PIL's 8-bit HSV space."""
+    h, s, v = img.convert("HSV").split()
+    h = Image.fromarray(((np.asarray(h).astype(np.int16) + round(shift * 255)) % 256).astype(np.uint8))
+    return Image.merge("HSV", (h, s, v)).convert("RGB")
+
+
+def color_jitter(img, rng, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
+    """ColorJitter: the four adjustments in random order, each factor uniform around 1 (hue around 0)."""
+    ops = [0, 1, 2, 3]
+    rng.shuffle(ops)
+    for op in ops:
+        if op == 0:
+            img = ImageEnhance.Brightness(img).enhance(rng.uniform(1 - brightness, 1 + brightness))
+        elif op == 1:
+            img = ImageEnhance.Contrast(img).enhance(rng.uniform(1 - contrast, 1 + contrast))
+        elif op == 2:
+            img = ImageEnhance.Color(img).enhance(rng.uniform(1 - saturation, 1 + saturation))
+        else:
+            img = adjust_hue(img, rng.uniform(-hue, hue))
+    return img
+
+
+# MAE-CT_aug (BYOL's asymmetric pair): (blur probability, solarize probability) of view 0 and view 1
+AUG_VIEWS = ((1.0, 0.0), (0.1, 0.2))
+
+
+def strong_aug(img, rng, view):
+    """Colour jitter p 0.8, grayscale p 0.2, Gaussian blur (sigma 0.1-2), solarize (threshold 128)."""
+    p_blur, p_solarize = AUG_VIEWS[view]
+    if rng.random() < 0.8:
+        img = color_jitter(img, rng)
+    if rng.random() < 0.2:
+        img = img.convert("L").convert("RGB")
+    if rng.random() < p_blur:
+        img = img.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.1, 2.0)))
+    if rng.random() < p_solarize:
+        img = ImageOps.solarize(img, threshold=128)
+    return img
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Items are (epoch, index) pairs from the sampler, so each augmentation is a function of
+    (seed, epoch, index) alone: any worker count, any restart, the same views."""
+
+    def __init__(self, root, img_size, views, train, seed=0, skip_bad=False, aug=False):
+        self.samples, self.classes = scan_image_folder(root)
+        self.img_size, self.views, self.train, self.seed, self.skip_bad = img_size, views, train, seed, skip_bad
+        self.aug = aug
+        self.bad = 0
+
+    def __len__(self):
+        return len(self.samples)
+
+    def load(self, i, boxes_fn):
+        """Decode image i and cut the boxes that boxes_fn(w, h) returns; JPEGs are decoded at
+        reduced size (PIL draft: DCT scaling) when the smallest crop allows it.
+        Returns (crops, label, index of the image actually used)."""
+        for attempt in range(len(self.samples)):
+            j = (i + attempt) % len(self.samples)
+            path = self.samples[j][0]
+            try:
+                img = Image.open(path)
+                w, h = img.size
+                boxes = boxes_fn(w, h)
+                f = min(min(b[2] - b[0], b[3] - b[1]) for b in boxes) / self.img_size
+                if f >= 2:
+                    img.draft(None, (math.ceil(w / f), math.ceil(h / f)))
+                k = round(w / img.size[0])  # the draft's DCT scale (1, 2, 4 or 8); it rounds sides up
+                img = img if img.mode == "RGB" else img.convert("RGB")
+                return [img.resize((self.img_size, self.img_size), Image.BICUBIC, box=tuple(v / k for v in b))
+                        for b in boxes], self.samples[j][1], j
+            except OSError as e:
+                if not self.skip_bad:
+                    raise RuntimeError(f"unreadable image {path}: {e} (use --skip_bad_images 1 to skip such files)") from None
+                self.bad += 1
+                print(f"warning: skipping unreadable image {path} ({e}); {self.bad} skipped in this worker", file=sys.stderr)
+        raise RuntimeError("no readable image in the dataset")
+
+    def __getitem__(self, item):
+        epoch, i = item
+        rng = random.Random((self.seed * 1_000_003 + epoch) * 1_000_003 + i)
+        # MAE-CT views: RandomResizedCrop(scale 0.08-1, bicubic) + flip, from one decode
+        crops, label, i = self.load(i, lambda w, h: [random_resized_crop(rng, w, h, (0.08, 1.0)) for _ in range(self.views)])
+        crops = [c.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else c for c in crops]
+        if self.aug:
+            crops = [strong_aug(c, rng, v) for v, c in enumerate(crops)]
+        x = torch.from_numpy(np.stack([np.asarray(c) for c in crops])).permute(0, 3, 1, 2)  # (V, 3, S, S) uint8
+        return x, label, i
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Epoch-seeded permutation; step s of the epoch takes the global batch perm[s*B:(s+1)*B] and
+    this rank its slice, so the global batch does not depend on the number of processes.
+    Drops the last incomplete batch. start_step skips steps already done (resume)."""
+
+    def __init__(self, n, batch_size, rank, world, seed):
+        self.n, self.batch_size, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
+        self.steps = n // batch_size
+        self.epoch, self.start_step = 0, 0
+
+    def set_epoch(self, epoch, start_step=0):
+        self.epoch, self.start_step = epoch, start_step
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g)[: self.steps * self.batch_size]
+        per_rank = perm.view(self.steps, self.world, -1)[self.start_step:, self.rank].reshape(-1)
+        return iter([(self.epoch, int(i)) for i in per_rank])
+
+    def __len__(self):
+        return (self.steps - self.start_step) * (self.batch_size // self.world)
+
+
+# -----------------------------------------------------------------------------
+# the NNCLR head, its queue and loss (REFERENCE §3). nnclr_head.py keeps an identical copy.
+
+class NNCLRHead(nn.Module):
+    """Projector Linear-BN-ReLU-Linear-BN-ReLU-Linear-BN and predictor Linear-BN-ReLU-Linear, no
+    biases. Each view goes through on its own, so the BatchNorm statistics are per view."""
+
+    def __init__(self, in_dim, proj_hidden=2048, proj_dim=256, pred_hidden=4096):
+        super().__init__()
+        self.args = dict(in_dim=in_dim, proj_hidden=proj_hidden, proj_dim=proj_dim, pred_hidden=pred_hidden)
+        self.projector = nn.Sequential(
+            nn.Linear(in_dim, proj_hidden, bias=False), nn.BatchNorm1d(proj_hidden), nn.ReLU(inplace=True),
+            nn.Linear(proj_hidden, proj_hidden, bias=False), nn.BatchNorm1d(proj_hidden), nn.ReLU(inplace=True),
+            nn.Linear(proj_hidden, proj_dim, bias=False), nn.BatchNorm1d(proj_dim))
+        self.predictor = nn.Sequential(
+            nn.Linear(proj_dim, pred_hidden, bias=False), nn.BatchNorm1d(pred_hidden), nn.ReLU(inplace=True),
+            nn.Linear(pred_hidden, proj_dim, bias=False))
+        vit.init_weights(self)
+
+    def forward(self, x):
+        """x (V, B, in_dim) pooled features of V views -> projections z, predictions p, both
+        (V, B, proj_dim), not normalised."""
+        z = [self.projector(v) for v in x]
+        return torch.stack(z), torch.stack([self.predictor(v) for v in z])
+
+
+class Queue:
+    """FIFO memory of L2-normalised view-0 projections: vectors (Q, P), and per entry the dataset
+    index of its sample (self-exclusion) and its label (the accuracy monitor; -1 = random init)."""
+
+    def __init__(self, size, dim, seed=0, device="cpu"):
+        g = torch.Generator().manual_seed(seed)
+        self.vectors = F.normalize(torch.randn(size, dim, generator=g), dim=1).to(device)
+        self.indices = torch.full((size,), -1, dtype=torch.long, device=device)
+        self.labels = torch.full((size,), -1, dtype=torch.long, device=device)
+        self.ptr = 0  # next slot to write
+
+    def state_dict(self):
+        return dict(vectors=self.vectors.cpu(), indices=self.indices.cpu(), labels=self.labels.cpu(), ptr=self.ptr)
+
+    @classmethod
+    def from_state(cls, sd, device="cpu"):
+        q = cls.__new__(cls)
+        q.vectors, q.indices, q.labels = (sd[k].to(device) for k in ("vectors", "indices", "labels"))
+        q.ptr = int(sd["ptr"])
+        return q
+
+    @torch.no_grad()
+    def lookup(self, z, idx, topk=1, generator=None):
+        """z (n, P) normalised, idx (n,) their dataset indices -> neighbours (n, P), their labels (n,).
+        Cosine similarity; the sample's own entries get -1. topk 1: the argmax; else uniform over the top k."""
+        sim = z.to(self.vectors.dtype) @ self.vectors.T  # (n, Q)
+        sim = sim.masked_fill(idx[:, None] == self.indices[None, :], -1.0)
+        if topk == 1:
+            j = sim.argmax(dim=1)
+        else:
+            top = sim.topk(topk, dim=1).indices  # (n, k)
+            pick = torch.randint(topk, (z.shape[0], 1), device=z.device, generator=generator)
+            j = top.gather(1, pick).squeeze(1)
+        return self.vectors[j], self.labels[j]
+
+    @torch.no_grad()
+    def push(self, z, idx, labels):
+        """Write n entries first in first out from ptr, wrapping around; n > Q keeps the last Q."""
+        n, size = z.shape[0], self.vectors.shape[0]
+        skip = max(0, n - size)
+        pos = (self.ptr + skip + torch.arange(n - skip, device=self.vectors.device)) % size
+        self.vectors[pos] = z[skip:].to(self.vectors.dtype)
+        self.indices[pos], self.labels[pos] = idx[skip:], labels[skip:]
+        self.ptr = (self.ptr + n) % size
+
+
+def all_gather(x, dim=0, grad=False):
+    """Concatenate x of every rank along dim, in rank order (= the order of the global batch).
+    grad=True: the local slot is x itself, so the gradient flows to it (the other ranks' parts are
+    constants here). A single process returns x."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x.contiguous()) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    if grad:
+        parts[dist.get_rank()] = x
+    return torch.cat(parts, dim=dim)
+
+
+def nnclr_loss(nn0, nn1, p0, p1, temperature):
+    """Symmetric NNCLR loss over the global batch. nn0, nn1 (B, P): queue neighbours of the two
+    views' projections (no gradient); p0, p1 (B, P): normalised predictions. Row i of
+    nn(z0) p1ᵀ / τ is sample i's neighbour against every prediction of view 1; its target is i."""
+    target = torch.arange(p0.shape[0], device=p0.device)
+    return 0.5 * (F.cross_entropy(nn0 @ p1.T / temperature, target) + F.cross_entropy(nn1 @ p0.T / temperature, target))
+
+
+def nnclr_step(z, p, idx, labels, queue, temperature, topk=1, generator=None):
+    """The loss of one (micro-)step over the global batch. z (2, b, P): normalised projections of this
+    rank's b samples (constants), p (2, b, P): normalised predictions, idx / labels (b,): dataset
+    indices and labels. Every rank gathers the global batch (in sampler order) and computes the
+    loss of all of it; p's gradient reaches only the local slot, so the ranks' gradients sum to
+    the full gradient, and DDP averages them: the loss to call backward on is x world_size (the
+    same gradient as an all-gather whose backward all-reduces). The queue gets view 0 after the
+    loss. -> (loss for backward, loss value, nearest-neighbour accuracy over both views)"""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    z_all = all_gather(z.detach(), dim=1)  # (2, B, P)
+    p_all = all_gather(p, dim=1, grad=True)  # (2, B, P)
+    idx_all, labels_all = all_gather(idx), all_gather(labels)  # (B,)
+    nn0, nn0_labels = queue.lookup(z_all[0], idx_all, topk, generator)
+    nn1, nn1_labels = queue.lookup(z_all[1], idx_all, topk, generator)
+    loss = nnclr_loss(nn0, nn1, p_all[0], p_all[1], temperature)
+    queue.push(z_all[0], idx_all, labels_all)
+    acc = 0.5 * ((nn0_labels == labels_all).float().mean() + (nn1_labels == labels_all).float().mean())
+    return loss * world, loss.item(), acc.item()
+
+
+def build_encoder(path, img_size=0):
+    """The frozen encoder from any encoder checkpoint (this project's mae.pt / ct.pt (its EMA encoder),
+    facebookresearch/mae, MAE-CT releases) -> (ViT, model_args). img_size: another resolution
+    (the fixed sin-cos position embedding is recomputed)."""
+    ckpt = vit.load_checkpoint(path)
+    if ckpt.get("stage", "mae") not in ("mae", "ct"):
+        raise ValueError(f"--init {path} is a {ckpt['stage']} checkpoint; --init takes an encoder checkpoint "
+                         f"(mae.pt, ct.pt, a facebookresearch/mae or MAE-CT release)")
+    sd, model_args, note = vit.encoder_state(ckpt, path)
+    if note and int(os.environ.get("RANK", 0)) == 0:
+        print(note, file=sys.stderr)
+    model_args = model_args or vit.infer_model_args(sd, path)
+    if img_size and img_size != model_args["img_size"]:
+        model_args = dict(model_args, img_size=img_size)
+        sd["pos_embed"] = vit.sincos_pos_embed(model_args["dim"], img_size // model_args["patch_size"]).unsqueeze(0)
+    return vit.load_state_strict(vit.ViT(**model_args), sd, path), model_args
+
+
+# -----------------------------------------------------------------------------
+# contrastive tuning: the encoder and the head in one module (so DDP sees every trained
+# parameter), and the exponential moving averages
+
+
+class ContrastiveModel(nn.Module):
+    """ViT encoder -> pooled features -> NNCLR head. The patch embedding, CLS token and the first
+    freeze_blocks blocks are frozen: no gradients, eval mode, run without autograd."""
+
+    def __init__(self, encoder, head, pool, freeze_blocks):
+        super().__init__()
+        self.encoder, self.head, self.pool, self.freeze_blocks = encoder, head, pool, freeze_blocks
+        encoder.patch_embed.requires_grad_(False)
+        encoder.cls_token.requires_grad_(False)
+        for blk in encoder.blocks[:freeze_blocks]:
+            blk.requires_grad_(False)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.encoder.patch_embed.eval()  # the frozen part stays in eval mode
+        for blk in self.encoder.blocks[:self.freeze_blocks]:
+            blk.eval()
+        return self
+
+    def forward(self, x, views=2):
+        """x (V*b, 3, S, S), view-major -> pooled features f (V, b, D), projections z and
+        predictions p (V, b, P), not normalised."""
+        f = vit.pool(self.encoder(x, no_grad_blocks=self.freeze_blocks), self.pool)  # (V*b, D)
+        f = f.view(views, -1, f.shape[-1])
+        z, p = self.head(f)
+        return f, z, p
+
+
+@torch.no_grad()
+def ema_update(target, online, momentum):
+    """target <- momentum * target + (1 - momentum) * online for every parameter (lerp: a frozen
+    parameter, equal in both, stays bit-identical); buffers (BatchNorm statistics) are copied."""
+    for t, o in zip(target.parameters(), online.parameters()):
+        t.lerp_(o.detach(), 1.0 - momentum)
+    for t, o in zip(target.buffers(), online.buffers()):
+        t.copy_(o)
+
+
+def ignore_stop_signals(worker_id):
+    """worker_init_fn: SIGTERM / SIGUSR1 are the main process's to handle. timeout and SLURM signal
+    every process of the job; torch's own worker handler dies on a SIGTERM that is not from its
+    parent, and the main process would then crash instead of checkpointing."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+# -----------------------------------------------------------------------------
+# small helpers shared in shape by every stage script
+
+def get_lr(it, lr, min_lr, warmup_iters, max_iters):
+    """Linear warmup from 0, then cosine to min_lr; per optimizer step."""
+    if it < warmup_iters:
+        return lr * it / warmup_iters
+    progress = min(1.0, (it - warmup_iters) / max(1, max_iters - warmup_iters))
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def save_atomic(obj, path):
+    """Write to a temp file, then rename: a crash mid-write leaves the previous file intact."""
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def find_resume(resume, out_dir, final_name):
+    """--resume auto: the finished run's file, else the newest periodic checkpoint, else none."""
+    if resume != "auto":
+        return resume
+    final, found = os.path.join(out_dir, final_name), sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))
+    return final if os.path.exists(final) else found[-1] if found else ""
+
+# -----------------------------------------------------------------------------
+def main(args):
+    # DDP: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; NCCL on GPUs, gloo on CPU
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    use_cuda = torch.cuda.is_available() if args.device == "auto" else args.device.startswith("cuda")
+    if ddp:
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        ddp_rank, ddp_local_rank, ddp_world_size = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+    else:
+        ddp_rank, ddp_local_rank, ddp_world_size = 0, 0, 1
+    master_process = ddp_rank == 0
+    device = f"cuda:{ddp_local_rank}" if use_cuda else "cpu"
+    if use_cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if use_cuda and torch.cuda.is_bf16_supported() else "float32"
+    autocast = nullcontext() if dtype == "float32" else torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype))
+    torch.manual_seed(args.seed)
+    if args.batch_size % (ddp_world_size * args.grad_accum) != 0:
+        fail(f"--batch_size {args.batch_size} is not divisible by processes ({ddp_world_size}) x --grad_accum ({args.grad_accum})")
+    micro_batch = args.batch_size // ddp_world_size // args.grad_accum
+    if micro_batch < 2:
+        fail(f"{micro_batch} image(s) per process and micro-step: BatchNorm needs at least 2")
+    out_dir = args.out_dir
+    if master_process:
+        os.makedirs(out_dir, exist_ok=True)
+    # preemption: SLURM and most schedulers send SIGTERM or SIGUSR1; stop at the next step and checkpoint
+    stop_signal = []
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, lambda signum, frame: stop_signal.append(signum))
+
+    # model: encoder from --init, head + filled queue from --head (stage 2); or everything resumed
+    resume_path = find_resume(args.resume, out_dir, "ct.pt")
+    try:
+        ckpt = vit.load_checkpoint(resume_path, expect="ct") if resume_path else None
+        if ckpt is not None:
+            model_args, head_args, pool, freeze = ckpt["model_args"], ckpt["head_args"], ckpt["pool"], ckpt["freeze_blocks"]
+            init_path, head_path = ckpt["encoder_init"], ckpt["head_init"]
+            encoder = vit.load_state_strict(vit.ViT(**model_args), ckpt["encoder"], resume_path)
+            encoder_ema = vit.load_state_strict(vit.ViT(**model_args), ckpt["encoder_ema"], resume_path)
+            head = vit.load_state_strict(NNCLRHead(**head_args), ckpt["head"], resume_path)
+            target = vit.load_state_strict(copy.deepcopy(head.projector), ckpt["target_projector"], resume_path)
+            queue_state = ckpt["queue"]
+        else:
+            if not args.init or not args.head:
+                raise ValueError("--init (the encoder, e.g. mae.pt) and --head (head.pt of nnclr_head.py) are both required")
+            head_ckpt = vit.load_checkpoint(args.head)
+            if head_ckpt.get("stage") != "nnclr_head":
+                found = f"a {head_ckpt['stage']} checkpoint" if "stage" in head_ckpt else "not a maect checkpoint"
+                raise ValueError(f"--head {args.head} is {found}; --head takes the head.pt written by nnclr_head.py")
+            encoder, model_args = build_encoder(args.init, args.img_size or head_ckpt["model_args"]["img_size"])
+            arch = lambda a: {k: v for k, v in a.items() if k != "img_size"}  # noqa: E731
+            if arch(model_args) != arch(head_ckpt["model_args"]):
+                raise ValueError(f"--init {args.init} is a {arch(model_args)} encoder, the head in {args.head} was "
+                                 f"trained on a {arch(head_ckpt['model_args'])} one")
+            if master_process and os.path.abspath(args.init) != head_ckpt["encoder_init"]:
+                print(f"note: {args.head} was trained on the encoder of {head_ckpt['encoder_init']}, --init is {args.init}",
+                      file=sys.stderr)
+            head_args, pool = head_ckpt["head_args"], args.pool or head_ckpt["pool"]
+            if master_process and pool != head_ckpt["pool"]:
+                print(f"note: --pool {pool}, but the head was trained with {head_ckpt['pool']} pooling", file=sys.stderr)
+            head = vit.load_state_strict(NNCLRHead(**head_args), head_ckpt["head"], args.head)
+            target = copy.deepcopy(head.projector)  # the EMA target starts as the trained projector
+            encoder_ema = copy.deepcopy(encoder)
+            queue_state = head_ckpt["queue"]
+            freeze = model_args["depth"] // 2 if args.freeze_blocks < 0 else args.freeze_blocks
+            init_path, head_path = os.path.abspath(args.init), os.path.abspath(args.head)
+            head_ckpt = None
+            if freeze > model_args["depth"]:
+                raise ValueError(f"--freeze_blocks {freeze}: the encoder has only {model_args['depth']} blocks")
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    model = ContrastiveModel(encoder, head, pool, freeze).to(device)
+    encoder_ema.requires_grad_(False)
+    encoder_ema.eval().to(device)
+    target.requires_grad_(False)
+    target.train().to(device)  # batch statistics, like the online projector
+    queue = Queue.from_state(queue_state, device)
+    if args.topk > queue.vectors.shape[0]:
+        fail(f"--topk {args.topk} is larger than the queue ({queue.vectors.shape[0]} entries)")
+    img_size = model_args["img_size"]
+
+    # data: every check before any training starts
+    if not os.path.isdir(os.path.join(args.data_path, "train")):
+        fail(f"missing split folder {os.path.join(args.data_path, 'train')} (expected train/<class>/*)")
+    train_set = ImageFolder(os.path.join(args.data_path, "train"), img_size, 2, True, args.seed, args.skip_bad_images, args.aug)
+    if len(train_set) < args.batch_size:
+        fail(f"--batch_size {args.batch_size} is larger than the training set ({len(train_set)} images)")
+    sampler = ShardSampler(len(train_set), args.batch_size, ddp_rank, ddp_world_size, args.seed)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=micro_batch, sampler=sampler, num_workers=args.num_workers,
+                                         pin_memory=use_cuda, persistent_workers=args.num_workers > 0,
+                                         worker_init_fn=ignore_stop_signals)
+    steps_per_epoch = sampler.steps
+    max_iters = args.max_iters or args.epochs * steps_per_epoch
+    warmup_iters = round(0.2 * max_iters) if args.warmup_epochs < 0 else round(args.warmup_epochs * steps_per_epoch)
+    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1) * 255
+
+    def normalize(x):  # (B, 3, S, S) uint8 on the device -> float, ImageNet mean/std
+        return (x.float() - mean) / std
+
+    # optimizer: AdamW (0.9, 0.95). Encoder: layer-wise lr decay (block b gets layer_decay^(depth - b),
+    # the final norm 1), weight decay 0.05. Head: its own base lr, weight decay 1e-5. No weight decay
+    # on 1-D tensors. Each group's lr = schedule(base_lr) * lr_scale; lrs scale with images x 2 views.
+    lr, head_lr = (b * args.batch_size * 2 / 256 for b in (args.blr, args.head_blr))
+    groups = [dict(g, base_lr=lr) for g in vit.param_groups(model.encoder, args.weight_decay, args.layer_decay, prefix="encoder.")]
+    groups += [dict(g, base_lr=head_lr) for g in vit.param_groups(model.head, args.head_weight_decay, prefix="head.")]
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=use_cuda)
+    scaler = torch.amp.GradScaler(enabled=dtype == "float16")
+    iter_num = 0
+    monitor = dict(epoch=-1, correct=0.0, count=0)  # nearest-neighbour accuracy over the current epoch
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        iter_num, monitor = ckpt["iter_num"], ckpt["monitor"]
+        if master_process:
+            print(f"resuming from {resume_path} at iteration {iter_num}")
+    ckpt = None  # free memory
+    if ddp and use_cuda:  # BatchNorm statistics over the global batch (per view); not available on CPU
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        target = nn.SyncBatchNorm.convert_sync_batchnorm(target)
+    raw_model = model
+    if args.compile:
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[ddp_local_rank] if use_cuda else None)
+
+    def checkpoint():
+        return dict(stage="ct", model_args=model_args, encoder=raw_model.encoder.state_dict(),
+                    encoder_ema=encoder_ema.state_dict(), head=raw_model.head.state_dict(), head_args=head_args,
+                    target_projector=target.state_dict(), queue=queue.state_dict(), pool=pool, freeze_blocks=freeze,
+                    encoder_init=init_path, head_init=head_path, optimizer=optimizer.state_dict(),
+                    scaler=scaler.state_dict(), iter_num=iter_num, monitor=dict(monitor), args=vars(args))
+
+    def log(entry):
+        with open(os.path.join(out_dir, "log.txt"), "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    # training loop
+    if master_process:
+        n_train = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+        print(f"contrastive tuning of the {model_args} encoder from {init_path} with the head of {head_path}: blocks "
+              f"{freeze}-{model_args['depth'] - 1} + norm + head trained ({n_train / 1e6:.1f}M params), {pool} pooling, "
+              f"queue {tuple(queue.vectors.shape)}, top-{args.topk}; {len(train_set)} train images, {steps_per_epoch} "
+              f"steps/epoch, {max_iters} iterations, lr {lr:.3g} (head {head_lr:.3g}), {dtype}, {ddp_world_size} process(es)")
+    pbar = tqdm(total=max_iters, initial=iter_num, disable=not master_process, dynamic_ncols=True)
+    model.train()
+    t0, imgs_seen, acc_sum, acc_n = time.time(), 0, 0.0, 0
+    while iter_num < max_iters:
+        sampler.set_epoch(iter_num // steps_per_epoch, start_step=iter_num % steps_per_epoch)
+        batches = iter(loader)
+        for _ in range(iter_num % steps_per_epoch, min(steps_per_epoch, iter_num % steps_per_epoch + max_iters - iter_num)):
+            for g in optimizer.param_groups:
+                g["lr"] = get_lr(iter_num, g["base_lr"], args.min_lr, warmup_iters, max_iters) * g["lr_scale"]
+            lr_now = get_lr(iter_num, lr, args.min_lr, warmup_iters, max_iters)
+            if monitor["epoch"] != iter_num // steps_per_epoch:
+                monitor = dict(epoch=iter_num // steps_per_epoch, correct=0.0, count=0)
+            loss_sum, acc = 0.0, 0.0
+            for micro in range(args.grad_accum):
+                x, labels, idx = next(batches)  # (b, 2, 3, S, S) uint8, (b,), (b,)
+                x = normalize(x.to(device, non_blocking=True).transpose(0, 1).flatten(0, 1))  # (2b, ...): view 0, then view 1
+                if ddp:  # sync gradients on the last micro-step only
+                    model.require_backward_grad_sync = micro == args.grad_accum - 1
+                with autocast:
+                    f, _, p = model(x)  # (2, b, D), (2, b, P)
+                with torch.no_grad(), autocast:  # the EMA target projector gives the queries and the queue entries
+                    zt = torch.stack([target(v) for v in f.detach()])  # (2, b, P)
+                zt, p = F.normalize(zt.float(), dim=-1), F.normalize(p.float(), dim=-1)
+                # the neighbour, uniform over the top k: one draw per sample of the global batch, from a
+                # function of (seed, iteration, micro-step) alone, the same on every rank; resume needs no RNG state
+                g = torch.Generator(device=device).manual_seed((args.seed * 1_000_003 + iter_num) * 101 + micro)
+                loss, loss_value, micro_acc = nnclr_step(zt, p, idx.to(device), labels.to(device), queue,
+                                                         args.temperature, args.topk, g)
+                scaler.scale(loss / args.grad_accum).backward()
+                loss_sum += loss_value / args.grad_accum
+                acc += micro_acc / args.grad_accum
+            if not math.isfinite(loss_sum):
+                pbar.close()  # the error on its own line
+                fail(f"non-finite loss ({loss_sum}) at iteration {iter_num}; the last good checkpoint is in {out_dir}")
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            ema_update(target, raw_model.head.projector, args.target_ema)
+            ema_update(encoder_ema, raw_model.encoder, args.encoder_ema)
+            iter_num += 1
+            imgs_seen += args.batch_size
+            acc_sum, acc_n = acc_sum + acc, acc_n + 1
+            monitor["correct"] += acc
+            monitor["count"] += 1
+            pbar.update(1)
+            if iter_num % args.log_interval == 0 or iter_num == max_iters:
+                dt = time.time() - t0
+                entry = dict(iter=iter_num, epoch=round(iter_num / steps_per_epoch, 3), loss=round(loss_sum, 5),
+                             nn_acc=round(acc_sum / acc_n, 4), lr=lr_now, img_per_s=round(imgs_seen / dt, 1))
+                pbar.set_postfix(loss=f"{loss_sum:.4f}", nn_acc=f"{entry['nn_acc']:.3f}", lr=f"{lr_now:.2e}",
+                                 img_s=f"{entry['img_per_s']:.0f}")
+                if master_process:
+                    log(entry)
+                t0, imgs_seen, acc_sum, acc_n = time.time(), 0, 0.0, 0
+            if iter_num % steps_per_epoch == 0:  # end of an epoch: the accuracy over all its steps
+                nn_acc_epoch = monitor["correct"] / max(1, monitor["count"])
+                if master_process:
+                    log(dict(iter=iter_num, epoch=iter_num // steps_per_epoch, nn_acc_epoch=round(nn_acc_epoch, 4)))
+                    pbar.write(f"epoch {iter_num // steps_per_epoch}: nearest-neighbour accuracy {nn_acc_epoch:.4f}")
+            # every rank stops at the same step when any rank got a signal
+            stop = torch.tensor(float(bool(stop_signal)), device=device)
+            if ddp:
+                dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+            if master_process and iter_num < max_iters and (iter_num % args.ckpt_interval == 0 or stop.item()):
+                save_atomic(checkpoint(), os.path.join(out_dir, f"ckpt_{iter_num:08d}.pt"))
+                for old in sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))[:-args.keep_last]:
+                    os.remove(old)
+            if stop.item():
+                if master_process:
+                    pbar.write(f"stopped by signal at iteration {iter_num}; to continue, run the same command with --resume auto")
+                if ddp:
+                    dist.destroy_process_group()
+                sys.exit(0)
+    pbar.close()
+    if master_process:
+        save_atomic(checkpoint(), os.path.join(out_dir, "ct.pt"))
+        print(f"wrote {os.path.join(out_dir, 'ct.pt')}")
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(parser.parse_args())
