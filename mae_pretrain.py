@@ -184,6 +184,14 @@ class ShardSampler(torch.utils.data.Sampler):
         return (self.steps - self.start_step) * (self.batch_size // self.world)
 
 
+def ignore_stop_signals(worker_id):
+    """worker_init_fn: SIGTERM / SIGUSR1 are the main process's to handle. timeout and SLURM signal
+    every process of the job; torch's own worker handler dies on a SIGTERM that is not from its
+    parent, and the main process would then crash instead of checkpointing."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 # -----------------------------------------------------------------------------
 # model: the ViT encoder plus the MAE decoder. A subclass of vit.ViT, so the state dict has
 # facebookresearch/mae's names (encoder keys + mask_token / decoder_*) and its full checkpoints load.
@@ -308,7 +316,8 @@ def main(args):
         fail(f"--batch_size {args.batch_size} is larger than the training set ({len(train_set)} images)")
     sampler = ShardSampler(len(train_set), args.batch_size, ddp_rank, ddp_world_size, args.seed)
     loader = torch.utils.data.DataLoader(train_set, batch_size=micro_batch, sampler=sampler, num_workers=args.num_workers,
-                                         pin_memory=use_cuda, persistent_workers=args.num_workers > 0)
+                                         pin_memory=use_cuda, persistent_workers=args.num_workers > 0,
+                                         worker_init_fn=ignore_stop_signals)
     steps_per_epoch = sampler.steps
     max_iters = args.max_iters or args.epochs * steps_per_epoch
     warmup_iters = round(args.warmup_epochs * steps_per_epoch)

@@ -345,6 +345,14 @@ def fit_logreg(x, y, num_classes, lam, rtol=1e-6, max_iter=10000):
 # -----------------------------------------------------------------------------
 # small helpers shared in shape by every stage script
 
+def ignore_stop_signals(worker_id):
+    """worker_init_fn: SIGTERM / SIGUSR1 are the main process's to handle. timeout and SLURM signal
+    every process of the job; torch's own worker handler dies on a SIGTERM that is not from its
+    parent, and the main process would then crash instead of checkpointing."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def get_lr(it, lr, min_lr, warmup_iters, max_iters):
     """Linear warmup from 0, then cosine to min_lr; per optimizer step."""
     if it < warmup_iters:
@@ -530,7 +538,7 @@ def main(args):
     else:
         loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size // ddp_world_size, sampler=sampler,
                                              num_workers=args.num_workers, pin_memory=use_cuda,
-                                             persistent_workers=args.num_workers > 0)
+                                             persistent_workers=args.num_workers > 0, worker_init_fn=ignore_stop_signals)
 
     def all_gather_cat(t):  # this rank's rows -> all ranks' rows in rank order, i.e. the global batch order
         parts = [torch.empty_like(t) for _ in range(ddp_world_size)]

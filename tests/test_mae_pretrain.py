@@ -182,12 +182,13 @@ def test_sigterm_then_resume_auto_is_bit_identical(tmp_path, image_folder):
     run_script(*args, "--out_dir", str(tmp_path / "full"))
     out = str(tmp_path / "cut")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.Popen([sys.executable, *args, "--out_dir", out], cwd=ROOT, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # with a data-loader worker, and the signal sent to the whole process group as timeout and SLURM do
+    p = subprocess.Popen([sys.executable, *args, "--out_dir", out, "--num_workers", "1"], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     log = os.path.join(out, "log.txt")
     while p.poll() is None and not (os.path.exists(log) and len(open(log).readlines()) >= 5):
         time.sleep(0.02)
-    p.send_signal(signal.SIGTERM)
+    os.killpg(p.pid, signal.SIGTERM)
     stdout = p.communicate(timeout=120)[0]
     assert p.returncode == 0, stdout
     assert "stopped by signal" in stdout and "--resume auto" in stdout
