@@ -1,0 +1,169 @@
+"""
+The whole MAE-CT pipeline in one command: MAE pretraining -> NNCLR head -> contrastive tuning ->
+k-NN, linear probe and low-shot logistic regression of both the MAE and the MAE-CT encoder, ending
+in a markdown table (out_dir/results.md). Every stage is the stage script itself, run as a
+subprocess (under torchrun with --nproc > 1), and checkpoints pass between them by path, so each
+stage's own output stays usable on its own.
+
+    python pipeline.py                                   # a small generated image folder, tiny ViT, a few CPU minutes
+    python pipeline.py --data_path ../shared/data/cifar10 --out_dir out/cifar10 ...   # see README for the CIFAR-10 recipe
+    python pipeline.py --data_path IMAGENET --model vit_b16 --nproc 8 ...             # one node of 8 GPUs
+
+A stage whose final file exists is skipped, and training stages run with --resume auto, so running the
+same command again after an interruption continues where it stopped.
+"""
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+import numpy as np
+from PIL import Image
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--data_path", default="", help="image folder (train/, val/); empty: generate a small one in out_dir/data")
+parser.add_argument("--out_dir", default="out/pipeline")
+parser.add_argument("--nproc", type=int, default=1, help="processes per stage; > 1 runs each stage under torchrun")
+parser.add_argument("--model", default="vit_micro")
+parser.add_argument("--img_size", type=int, default=32)
+parser.add_argument("--patch_size", type=int, default=4)
+parser.add_argument("--dim", type=int, default=0)
+parser.add_argument("--depth", type=int, default=0)
+parser.add_argument("--heads", type=int, default=0)
+parser.add_argument("--dec_dim", type=int, default=64, help="MAE decoder width (the authors' 512 is for 224 px ViTs)")
+parser.add_argument("--dec_depth", type=int, default=2)
+parser.add_argument("--dec_heads", type=int, default=4)
+parser.add_argument("--mask_ratio", type=float, default=0.75)
+parser.add_argument("--pool", default="mean", choices=["cls", "mean"], help="pooling for head, CT and every evaluation")
+parser.add_argument("--batch_size", type=int, default=64, help="images per step of the training stages")
+parser.add_argument("--mae_epochs", type=int, default=30)
+parser.add_argument("--head_epochs", type=int, default=10)
+parser.add_argument("--ct_epochs", type=int, default=10)
+parser.add_argument("--probe_epochs", type=int, default=30, help="linear probe on cached features")
+parser.add_argument("--lowshot", type=int, default=5, help="labelled images per class for the logistic regression (0: skip)")
+parser.add_argument("--crop_pct", type=float, default=1.0, help="evaluation centre crop (1.0 for CIFAR-sized data, 0.875 for ImageNet)")
+parser.add_argument("--num_workers", type=int, default=2)
+parser.add_argument("--device", default="auto")
+parser.add_argument("--seed", type=int, default=0)
+for stage in ("mae", "head", "ct", "knn", "probe", "logreg"):
+    parser.add_argument(f"--{stage}_args", default="", help=f"extra flags for the {stage} stage, e.g. \"--blr 1e-3\"")
+args = parser.parse_args()
+
+
+def make_image_folder(root, classes=4, per_class=96, val_per_class=24, size=32, seed=0):
+    """Generated images with class structure (a colour, an oriented texture, a blob) and
+    per-image nuisance (position, phase, noise), so there is something to learn."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] / size
+    for split, n in (("train", per_class), ("val", val_per_class)):
+        for c in range(classes):
+            d = os.path.join(root, split, f"class_{c}")
+            os.makedirs(d, exist_ok=True)
+            for i in range(n):
+                angle = np.pi * c / classes + rng.normal(0, 0.15)
+                wave = np.sin((np.cos(angle) * xx + np.sin(angle) * yy) * (6 + 2 * c) * np.pi + rng.uniform(0, 2 * np.pi))
+                cy, cx = rng.uniform(0.2, 0.8, 2)
+                blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 0.02)
+                colour = np.array([(c * 70) % 256, (c * 140 + 60) % 256, (255 - c * 50) % 256]) * rng.uniform(0.6, 1.0)
+                img = 110 + 50 * wave[..., None] + blob[..., None] * (colour - 110) + rng.normal(0, 12, (size, size, 3))
+                Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(os.path.join(d, f"{i:04d}.png"))
+
+
+def run(name, script, *flags):
+    """Run one stage; returns its wall time in seconds. A failing stage stops the pipeline."""
+    launcher = [sys.executable] if args.nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                          f"--nproc_per_node={args.nproc}"]
+    cmd = launcher + [script, *[str(f) for f in flags]]
+    print(f"\n=== {name}: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+    t0 = time.time()
+    p = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)))
+    if p.returncode != 0:
+        sys.exit(f"error: stage {name} failed (exit {p.returncode}); rerun the same command to continue")
+    return time.time() - t0
+
+
+def last_entry(log_path, key):
+    """The last JSON line of a stage's log.txt that has `key`, or None."""
+    if not os.path.exists(log_path):
+        return None
+    found = [e for e in map(json.loads, open(log_path)) if key in e]
+    return found[-1] if found else None
+
+
+out = os.path.abspath(args.out_dir)
+os.makedirs(out, exist_ok=True)
+data = args.data_path
+if not data:
+    data = os.path.join(out, "data")
+    if not os.path.isdir(os.path.join(data, "val")):
+        print(f"generating a small image folder in {data}")
+        make_image_folder(data, size=args.img_size, seed=args.seed)
+data = os.path.abspath(data)
+common = ["--data_path", data, "--num_workers", args.num_workers, "--device", args.device]
+seed = ["--seed", args.seed]  # knn.py draws nothing at random
+model = ["--model", args.model, "--img_size", args.img_size, "--patch_size", args.patch_size, "--dim", args.dim,
+         "--depth", args.depth, "--heads", args.heads]
+extra = {s: shlex.split(getattr(args, f"{s}_args")) for s in ("mae", "head", "ct", "knn", "probe", "logreg")}
+times = {}
+t_start = time.time()
+
+# 1-3: the three training stages, each skipped when its final file exists
+mae_pt, head_pt, ct_pt = (os.path.join(out, d, f) for d, f in (("mae", "mae.pt"), ("head", "head.pt"), ("ct", "ct.pt")))
+if not os.path.exists(mae_pt):
+    times["MAE pretraining"] = run("mae", "mae_pretrain.py", *common, *seed, *model, "--out_dir", os.path.dirname(mae_pt),
+                                   "--dec_dim", args.dec_dim, "--dec_depth", args.dec_depth, "--dec_heads", args.dec_heads,
+                                   "--mask_ratio", args.mask_ratio, "--epochs", args.mae_epochs, "--batch_size", args.batch_size,
+                                   "--resume", "auto",
+                                   *extra["mae"])
+if not os.path.exists(head_pt):
+    times["NNCLR head"] = run("head", "nnclr_head.py", *common, *seed, "--init", mae_pt, "--out_dir", os.path.dirname(head_pt),
+                              "--epochs", args.head_epochs, "--batch_size", args.batch_size, "--pool", args.pool,
+                              "--resume", "auto", *extra["head"])
+if not os.path.exists(ct_pt):
+    times["contrastive tuning"] = run("ct", "contrastive_tune.py", *common, *seed, "--init", mae_pt, "--head", head_pt,
+                                      "--out_dir", os.path.dirname(ct_pt), "--epochs", args.ct_epochs,
+                                      "--batch_size", args.batch_size, "--pool", args.pool, "--resume", "auto", *extra["ct"])
+
+# 4: the evaluations of both encoders
+results = {}
+for enc, ckpt in (("MAE", mae_pt), ("MAE-CT", ct_pt)):
+    ev = os.path.join(out, f"eval_{enc.lower().replace('-', '')}")
+    knn_log, probe_log, logreg_log = (os.path.join(ev, d, "log.txt") for d in ("knn", "probe", "logreg"))
+    if last_entry(knn_log, "knn_top1") is None:
+        times[f"k-NN {enc}"] = run(f"knn {enc}", "knn.py", *common, "--init", ckpt, "--pool", args.pool,
+                                   "--crop_pct", args.crop_pct, "--out_dir", os.path.dirname(knn_log), *extra["knn"])
+    if last_entry(probe_log, "best_top1") is None:
+        times[f"linear probe {enc}"] = run(f"probe {enc}", "probe.py", *common, *seed, "--init", ckpt, "--pool", args.pool,
+                                           "--crop_pct", args.crop_pct, "--cached", 1, "--epochs", args.probe_epochs,
+                                           "--out_dir", os.path.dirname(probe_log), *extra["probe"])
+    if args.lowshot and last_entry(logreg_log, "logreg_top1") is None:
+        times[f"low-shot {enc}"] = run(f"low-shot {enc}", "probe.py", *common, *seed, "--init", ckpt, "--pool", args.pool,
+                                       "--crop_pct", args.crop_pct, "--logreg", 1, "--per_class", args.lowshot,
+                                       "--out_dir", os.path.dirname(logreg_log), *extra["logreg"])
+    knn = last_entry(knn_log, "knn_top1")["knn_top1"]
+    results[enc] = dict(knn10=knn.get("10"), knn20=knn.get("20"), probe=last_entry(probe_log, "best_top1")["best_top1"],
+                        lowshot=last_entry(logreg_log, "logreg_top1")["logreg_top1"] if args.lowshot else None)
+
+# 5: the table
+def fmt(v):
+    return "–" if v is None else f"{v:.1f}"
+
+
+cols = [("knn10", "k-NN k=10"), ("knn20", "k-NN k=20"), ("probe", "linear probe"), ("lowshot", f"low-shot {args.lowshot}/class")]
+lines = ["| encoder | " + " | ".join(c for _, c in cols) + " |", "|---|" + "---|" * len(cols)]
+for enc in ("MAE", "MAE-CT"):
+    lines.append(f"| {enc} | " + " | ".join(fmt(results[enc][k]) for k, _ in cols) + " |")
+lines.append("| Δ | " + " | ".join(
+    "–" if results["MAE"][k] is None else f"{results['MAE-CT'][k] - results['MAE'][k]:+.1f}" for k, _ in cols) + " |")
+lines += ["", f"top-1 (%) on {data}/val; pooling {args.pool}; command: python {' '.join(shlex.quote(a) for a in sys.argv)}"]
+if times:
+    lines += ["", "| stage (this invocation) | wall time |", "|---|---|"]
+    lines += [f"| {k} | {v / 60:.1f} min |" for k, v in times.items()]
+    lines += [f"| total | {(time.time() - t_start) / 60:.1f} min |"]
+table = "\n".join(lines)
+with open(os.path.join(out, "results.md"), "w") as f:
+    f.write(table + "\n")
+print("\n" + table)
