@@ -276,6 +276,7 @@ def main(args):
             with open(os.path.join(args.out_dir, "log.txt"), "a") as f:
                 f.write(json.dumps(entry) + "\n")
     if ddp:
+        dist.barrier()  # rank 0 may still be writing; leave together (gloo aborts otherwise)
         dist.destroy_process_group()
 
 

@@ -473,6 +473,7 @@ def main(args):
                 if master_process:
                     pbar.write(f"stopped by signal at iteration {iter_num}; to continue, run the same command with --resume auto")
                 if ddp:
+                    dist.barrier()  # rank 0 may still be writing; leave together (gloo aborts otherwise)
                     dist.destroy_process_group()
                 sys.exit(0)
     pbar.close()
@@ -480,6 +481,7 @@ def main(args):
         save_atomic(checkpoint(), os.path.join(out_dir, "mae.pt"))
         print(f"wrote {os.path.join(out_dir, 'mae.pt')}")
     if ddp:
+        dist.barrier()  # rank 0 may still be writing; leave together (gloo aborts otherwise)
         dist.destroy_process_group()
 
 

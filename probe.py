@@ -492,6 +492,7 @@ def main(args):
                         os.path.join(out_dir, "logreg.pt"))
             print(f"wrote {os.path.join(out_dir, 'logreg.pt')}")
         if ddp:
+            dist.barrier()  # rank 0 may still be writing; leave together (gloo aborts otherwise)
             dist.destroy_process_group()
         return
 
@@ -634,6 +635,7 @@ def main(args):
                 if master_process:
                     pbar.write(f"stopped by signal at iteration {iter_num}; to continue, run the same command with --resume auto")
                 if ddp:
+                    dist.barrier()  # rank 0 may still be writing; leave together (gloo aborts otherwise)
                     dist.destroy_process_group()
                 sys.exit(0)
     pbar.close()
@@ -649,6 +651,7 @@ def main(args):
                      head_best=head_best, blrs=args.blrs))
         print(f"wrote {os.path.join(out_dir, 'probe.pt')}")
     if ddp:
+        dist.barrier()  # rank 0 may still be writing; leave together (gloo aborts otherwise)
         dist.destroy_process_group()
 
 
