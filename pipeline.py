@@ -138,6 +138,7 @@ for enc, ckpt in (("MAE", mae_pt), ("MAE-CT", ct_pt)):
     if last_entry(probe_log, "best_top1") is None:
         times[f"linear probe {enc}"] = run(f"probe {enc}", "probe.py", *common, *seed, "--init", ckpt, "--pool", args.pool,
                                            "--crop_pct", args.crop_pct, "--cached", 1, "--epochs", args.probe_epochs,
+                                           "--batch_size", args.batch_size,
                                            "--out_dir", os.path.dirname(probe_log), *extra["probe"])
     if args.lowshot and last_entry(logreg_log, "logreg_top1") is None:
         times[f"low-shot {enc}"] = run(f"low-shot {enc}", "probe.py", *common, *seed, "--init", ckpt, "--pool", args.pool,
