@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -113,19 +114,21 @@ def random_resized_crop(rng, w, h, scale, ratio=(3 / 4, 4 / 3)):
 
 class ImageFolder(torch.utils.data.Dataset):
     """Items are (epoch, index) pairs from the sampler, so each augmentation is a function of
-    (seed, epoch, index) alone: any worker count, any restart, the same crops."""
+    (seed, epoch, index) alone: any worker count, any restart, the same crops. resize=False: the crops
+    leave the worker at their own size and are resized on the GPU (crops_to_batch), which takes a
+    third of a worker's time off it at 224 px; on a CPU the workers resize, in parallel to training."""
 
-    def __init__(self, root, img_size, views, train, seed=0, skip_bad=False):
+    def __init__(self, root, img_size, views, train, seed=0, skip_bad=False, resize=True):
         self.samples, self.classes = scan_image_folder(root)
         self.img_size, self.views, self.train, self.seed, self.skip_bad = img_size, views, train, seed, skip_bad
-        self.bad = 0
+        self.resize, self.bad = resize, 0
 
     def __len__(self):
         return len(self.samples)
 
     def load(self, i, boxes_fn):
-        """Decode image i and cut the boxes that boxes_fn(w, h) returns; JPEGs are decoded at
-        reduced size (PIL draft: DCT scaling) when the smallest crop allows it."""
+        """Decode image i and cut the boxes that boxes_fn(w, h) returns. JPEGs are decoded at reduced
+        size (PIL draft: DCT scaling) when even the smallest crop stays at least twice img_size."""
         for attempt in range(len(self.samples)):
             path = self.samples[(i + attempt) % len(self.samples)][0]
             try:
@@ -137,8 +140,10 @@ class ImageFolder(torch.utils.data.Dataset):
                     img.draft(None, (math.ceil(w / f), math.ceil(h / f)))
                 k = round(w / img.size[0])  # the draft's DCT scale (1, 2, 4 or 8); it rounds sides up
                 img = img if img.mode == "RGB" else img.convert("RGB")
-                return [img.resize((self.img_size, self.img_size), Image.BICUBIC, box=tuple(v / k for v in b))
-                        for b in boxes], self.samples[(i + attempt) % len(self.samples)][1]
+                S, label = self.img_size, self.samples[(i + attempt) % len(self.samples)][1]
+                if self.resize:  # crop + bicubic resize in one resample
+                    return [img.resize((S, S), Image.BICUBIC, box=tuple(v / k for v in b)) for b in boxes], label
+                return [img.crop(tuple(min(round(v / k), s) for v, s in zip(b, img.size * 2))) for b in boxes], label
             except OSError as e:
                 if not self.skip_bad:
                     raise RuntimeError(f"unreadable image {path}: {e} (use --skip_bad_images 1 to skip such files)") from None
@@ -152,13 +157,33 @@ class ImageFolder(torch.utils.data.Dataset):
         if self.train:  # RandomResizedCrop(scale 0.2-1, bicubic) + flip, per view
             crops, label = self.load(i, lambda w, h: [random_resized_crop(rng, w, h, (0.2, 1.0)) for _ in range(self.views)])
             crops = [c.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else c for c in crops]
-        else:  # resize the shorter side to img_size, centre crop
+        else:  # resize the shorter side to img_size, centre crop: the centre square, resized
             def centre(w, h):
                 s = min(w, h)
                 return [((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)]
             crops, label = self.load(i, centre)
-        x = torch.from_numpy(np.stack([np.asarray(c) for c in crops])).permute(0, 3, 1, 2)  # (V, 3, S, S) uint8
-        return x, label, i
+        return [torch.from_numpy(np.array(c)) for c in crops], label, i  # V x (h, w, 3) uint8
+
+
+def collate(batch):
+    """Crops differ in size: one flat uint8 tensor (one shared-memory block per batch, not one per crop)
+    and their (h, w), sample 0's views first. -> flat, sizes (n, 2), labels (b,), indices (b,)"""
+    crops = [c for item in batch for c in item[0]]
+    return (torch.cat([c.flatten() for c in crops]), torch.tensor([c.shape[:2] for c in crops]),
+            torch.tensor([item[1] for item in batch]), torch.tensor([item[2] for item in batch]))
+
+
+def crops_to_batch(flat, sizes, img_size, device):
+    """collate's crops -> (n, 3, S, S) float in [0, 255] on the device; crops not yet S x S get the
+    bicubic resize of RandomResizedCrop here (antialiased, as PIL's)."""
+    flat, out, o = flat.to(device, non_blocking=True), [], 0
+    for h, w in sizes.tolist():
+        x = flat[o:o + h * w * 3].view(1, h, w, 3).permute(0, 3, 1, 2).float()
+        o += h * w * 3
+        if (h, w) != (img_size, img_size):
+            x = F.interpolate(x, size=(img_size, img_size), mode="bicubic", antialias=True).clamp_(0, 255)
+        out.append(x)
+    return torch.cat(out)
 
 
 class ShardSampler(torch.utils.data.Sampler):
@@ -310,22 +335,23 @@ def main(args):
     for split in ("train", "val"):
         if not os.path.isdir(os.path.join(args.data_path, split)):
             fail(f"missing split folder {os.path.join(args.data_path, split)} (expected train/ and val/)")
-    train_set = ImageFolder(os.path.join(args.data_path, "train"), args.img_size, args.views, True, args.seed, args.skip_bad_images)
+    train_set = ImageFolder(os.path.join(args.data_path, "train"), args.img_size, args.views, True, args.seed,
+                            args.skip_bad_images, resize=not use_cuda)
     val_set = ImageFolder(os.path.join(args.data_path, "val"), args.img_size, 1, False, args.seed, args.skip_bad_images)
     if len(train_set) < args.batch_size:
         fail(f"--batch_size {args.batch_size} is larger than the training set ({len(train_set)} images)")
     sampler = ShardSampler(len(train_set), args.batch_size, ddp_rank, ddp_world_size, args.seed)
     loader = torch.utils.data.DataLoader(train_set, batch_size=micro_batch, sampler=sampler, num_workers=args.num_workers,
                                          pin_memory=use_cuda, persistent_workers=args.num_workers > 0,
-                                         worker_init_fn=ignore_stop_signals)
+                                         collate_fn=collate, worker_init_fn=ignore_stop_signals)
     steps_per_epoch = sampler.steps
     max_iters = args.max_iters or args.epochs * steps_per_epoch
     warmup_iters = round(args.warmup_epochs * steps_per_epoch)
     mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1) * 255
 
-    def normalize(x):  # (B, 3, S, S) uint8 on the device -> float, ImageNet mean/std
-        return (x.float() - mean) / std
+    def to_input(flat, sizes):  # collate's crops -> (n, 3, S, S) float on the device, ImageNet mean/std
+        return (crops_to_batch(flat, sizes, args.img_size, device) - mean) / std
 
     # model: fresh, from --init (encoder, + decoder where the file has one), or resumed
     resume_path = find_resume(args.resume, out_dir, "mae.pt")
@@ -389,7 +415,7 @@ def main(args):
         """Val loss on fixed images and masks, and a picture: original / masked / reconstruction."""
         raw_model.eval()
         n = min(len(val_set), 64)
-        imgs = normalize(torch.stack([val_set[(0, i)][0][0] for i in range(n)]).to(device))
+        imgs = to_input(*collate([val_set[(0, i)] for i in range(n)])[:2])
         noise = torch.rand(n, raw_model.num_patches, generator=torch.Generator().manual_seed(0)).to(device)
         with autocast:
             loss, pred, mask = raw_model(imgs, args.mask_ratio, noise)
@@ -428,8 +454,7 @@ def main(args):
             noise = torch.rand(args.batch_size * args.views, raw_model.num_patches, device=device, generator=g)
             loss_sum = 0.0
             for micro in range(args.grad_accum):
-                x, _, _ = next(batches)  # (b, V, 3, S, S) uint8
-                x = normalize(x.to(device, non_blocking=True).flatten(0, 1))  # views become batch entries
+                x = to_input(*next(batches)[:2])  # (b * V, 3, S, S): the V views of a sample are neighbours
                 first = (ddp_rank * args.grad_accum + micro) * micro_batch * args.views  # position in the global batch
                 if ddp:  # sync gradients on the last micro-step only
                     model.require_backward_grad_sync = micro == args.grad_accum - 1

@@ -41,8 +41,8 @@ def test_bench_runs_every_stage_on_cpu_and_reports_json():
                                                             if s in STAGES]
     assert all(w["speedup"] > 0 for w in out["wins"])
     data = [r for r in out["rows"] if r["stage"] == "data"]
-    assert [r["variant"].split(":")[0] for r in data] == ["ours", "standard", "for scale"]
-    assert all(r["img_s"] > 0 and r["images"] == 3 for r in data)
+    assert [r["variant"].split(":")[0] for r in data] == ["ours", "standard", "for scale", "ours, the cpu part"]
+    assert all(r["img_s"] > 0 for r in data) and [r["images"] for r in data] == [3, 3, 3, 9]  # 3 batches of 3 crops
     assert data[0]["speedup"] == pytest.approx(data[0]["img_s"] / data[1]["img_s"])
 
 
@@ -109,13 +109,13 @@ def test_flops_equal_torch_flop_counter_on_the_real_step(stage, one_thread):
 def test_standard_and_our_pipeline_cut_the_same_crops(tmp_path):
     # 512 x 384 and 32 px crops: our loader decodes at 1/2 .. 1/8 size (PIL draft), the standard one in full
     root = bench.make_jpegs(str(tmp_path / "jpegs"), 3, size=(512, 384))
-    ds = mae_pretrain.ImageFolder(root, 32, 1, True, seed=5)
+    ds = mae_pretrain.ImageFolder(root, 32, 1, True, seed=5, resize=False)  # as the GPU runs: resize on the device
     mean, std = torch.tensor(bench.MEAN).view(3, 1, 1) * 255, torch.tensor(bench.STD).view(3, 1, 1) * 255
     for i, (path, _) in enumerate(ds.samples):
-        x8 = ds[(1, i)][0][0]
+        flat, sizes, _, _ = mae_pretrain.collate([ds[(1, i)]])
+        assert flat.dtype == torch.uint8 and sizes.shape == (1, 2)
         ref = bench.standard_sample(path, 32, bench.crop_rng(5, 1, i))
-        ours = (x8.float() - mean) / std  # what the stage scripts do on the device
-        assert x8.dtype == torch.uint8 and x8.shape == (3, 32, 32)
+        ours = (mae_pretrain.crops_to_batch(flat, sizes, 32, "cpu")[0] - mean) / std  # what the stage scripts do
         assert ref.dtype == ours.dtype == torch.float32 and ref.shape == ours.shape == (3, 32, 32)
         other = bench.standard_sample(path, 32, bench.crop_rng(5, 2, i))  # another crop of the same image
         assert (ours - ref).abs().mean() < 0.15 < (ours - other).abs().mean(), i

@@ -95,18 +95,63 @@ def test_image_folder_crops_are_deterministic(tmp_path):
     root = make_image_folder(tmp_path / "d", classes=2, per_class=4, size=48)
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (375, 500, 3), np.uint8)).save(
         os.path.join(root, "train", "class_0", "big.jpg"))  # large enough for reduced-size decoding
-    ds = mae_pretrain.ImageFolder(os.path.join(root, "train"), 32, 2, True, seed=1)
+    ds = mae_pretrain.ImageFolder(os.path.join(root, "train"), 32, 2, True, seed=1, resize=False)
     assert ds.classes == ["class_0", "class_1"] and len(ds) == 9
     for i in range(len(ds)):
-        x, label, idx = ds[(3, i)]
-        assert x.shape == (2, 3, 32, 32) and x.dtype == torch.uint8 and idx == i
-        assert torch.equal(x, ds[(3, i)][0])  # a function of (seed, epoch, index)
-    assert not torch.equal(ds[(3, 0)][0], ds[(4, 0)][0])
+        crops, label, idx = ds[(3, i)]
+        assert len(crops) == 2 and idx == i and label == (0 if i < 5 else 1)
+        for c, again in zip(crops, ds[(3, i)][0]):  # a function of (seed, epoch, index)
+            assert c.dtype == torch.uint8 and c.ndim == 3 and c.shape[2] == 3 and torch.equal(c, again)
+    assert not all(torch.equal(a, b) for a, b in zip(ds[(3, 0)][0], ds[(4, 0)][0]))
     big = [i for i, (p, _) in enumerate(ds.samples) if p.endswith("big.jpg")][0]
-    for epoch in range(200):  # reduced-size decoding rounds sides up: crops at the edges must stay inside
-        assert ds[(epoch, big)][0].shape == (2, 3, 32, 32)
-    val = mae_pretrain.ImageFolder(os.path.join(root, "val"), 32, 1, False)
-    assert val[(0, 0)][0].shape == (1, 3, 32, 32)
+    sides = []
+    for epoch in range(200):  # crops at the edges of a reduced-size decode stay inside the image
+        for c in ds[(epoch, big)][0]:
+            assert 0 < c.shape[0] <= 375 and 0 < c.shape[1] <= 500
+            sides.append(min(c.shape[:2]))
+    assert min(sides) < 64 <= max(sides)  # scale 0.2-1: small crops at full size, large ones drafted
+    val = mae_pretrain.ImageFolder(os.path.join(root, "val"), 32, 1, False, resize=False)
+    (c,), _, _ = val[(0, 0)]
+    assert c.shape == (48, 48, 3)  # the centre square, resized on the device
+    # resize=True (CPU training): the workers resize, to S x S
+    ds = mae_pretrain.ImageFolder(os.path.join(root, "train"), 32, 2, True, seed=1)
+    assert all(c.shape == (32, 32, 3) for e in range(20) for c in ds[(e, big)][0])
+
+
+def test_device_resize_matches_worker_resize(tmp_path):
+    # the GPU path (crops at their own size, resized by crops_to_batch) gives the images that the CPU
+    # path (PIL resizes in the worker) gives: same crops, same flips, the same resample up to rounding
+    root = make_image_folder(tmp_path / "d", classes=2, per_class=3, size=40)
+    a = mae_pretrain.ImageFolder(os.path.join(root, "train"), 32, 2, True, seed=3)
+    b = mae_pretrain.ImageFolder(os.path.join(root, "train"), 32, 2, True, seed=3, resize=False)
+    items = [(e, i) for e in range(4) for i in range(len(a))]
+    xa = mae_pretrain.crops_to_batch(*mae_pretrain.collate([a[it] for it in items])[:2], 32, "cpu")
+    xb = mae_pretrain.crops_to_batch(*mae_pretrain.collate([b[it] for it in items])[:2], 32, "cpu")
+    assert xa.shape == xb.shape == (2 * len(items), 3, 32, 32)
+    diff = (xa - xb).abs().flatten(1)
+    assert diff.mean() < 1.0 and diff.mean(1).max() < 2.0, (diff.mean(), diff.mean(1).max())
+    other = mae_pretrain.crops_to_batch(*mae_pretrain.collate([b[(e + 9, i)] for e, i in items])[:2], 32, "cpu")
+    assert (xa - other).abs().mean() > 5  # other crops differ by far more than the rounding
+
+
+def test_collate_and_device_resize_match_pil(tmp_path):
+    # crops of several sizes (down- and upsampling) packed by collate, resized by crops_to_batch:
+    # close to PIL's bicubic resize of the same crop, in the same order
+    rng = np.random.default_rng(0)
+    smooth = lambda h, w: np.array(Image.fromarray(rng.integers(0, 256, (6, 6, 3), np.uint8)).resize((w, h), Image.BILINEAR))
+    crops = [smooth(h, w) for h, w in ((70, 50), (32, 32), (20, 27), (100, 90))]
+    batch = [([torch.from_numpy(crops[0]), torch.from_numpy(crops[1])], 4, 7),
+             ([torch.from_numpy(crops[2]), torch.from_numpy(crops[3])], 5, 9)]
+    flat, sizes, labels, idx = mae_pretrain.collate(batch)
+    assert flat.dtype == torch.uint8 and flat.numel() == sum(c.size for c in crops)
+    assert sizes.tolist() == [[70, 50], [32, 32], [20, 27], [100, 90]]
+    assert labels.tolist() == [4, 5] and idx.tolist() == [7, 9]
+    x = mae_pretrain.crops_to_batch(flat, sizes, 32, "cpu")
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 255
+    for k, c in enumerate(crops):
+        ref = torch.from_numpy(np.array(Image.fromarray(c).resize((32, 32), Image.BICUBIC))).permute(2, 0, 1).float()
+        assert (x[k] - ref).abs().max() <= 2.0, k  # PIL rounds to uint8 between its two passes
+    assert torch.equal(x[1], torch.from_numpy(crops[1]).permute(2, 0, 1).float())  # already 32 x 32: untouched
 
 
 def test_save_atomic_keeps_previous_file_when_the_write_fails(tmp_path, monkeypatch):
