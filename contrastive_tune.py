@@ -157,20 +157,22 @@ def strong_aug(img, rng, view):
 
 class ImageFolder(torch.utils.data.Dataset):
     """Items are (epoch, index) pairs from the sampler, so each augmentation is a function of
-    (seed, epoch, index) alone: any worker count, any restart, the same views."""
+    (seed, epoch, index) alone: any worker count, any restart, the same views. resize=False: the crops
+    leave the worker at their own size and are resized on the GPU (crops_to_batch), which takes a
+    third of a worker's time off it at 224 px; on a CPU, and for the colour augmentations (which work
+    on the final pixels), the workers resize."""
 
-    def __init__(self, root, img_size, views, train, seed=0, skip_bad=False, aug=False):
+    def __init__(self, root, img_size, views, train, seed=0, skip_bad=False, aug=False, resize=True):
         self.samples, self.classes = scan_image_folder(root)
         self.img_size, self.views, self.train, self.seed, self.skip_bad = img_size, views, train, seed, skip_bad
-        self.aug = aug
-        self.bad = 0
+        self.aug, self.resize, self.bad = aug, resize or aug, 0
 
     def __len__(self):
         return len(self.samples)
 
     def load(self, i, boxes_fn):
-        """Decode image i and cut the boxes that boxes_fn(w, h) returns; JPEGs are decoded at
-        reduced size (PIL draft: DCT scaling) when the smallest crop allows it.
+        """Decode image i and cut the boxes that boxes_fn(w, h) returns. JPEGs are decoded at reduced
+        size (PIL draft: DCT scaling) when even the smallest crop stays at least twice img_size.
         Returns (crops, label, index of the image actually used)."""
         for attempt in range(len(self.samples)):
             j = (i + attempt) % len(self.samples)
@@ -184,8 +186,10 @@ class ImageFolder(torch.utils.data.Dataset):
                     img.draft(None, (math.ceil(w / f), math.ceil(h / f)))
                 k = round(w / img.size[0])  # the draft's DCT scale (1, 2, 4 or 8); it rounds sides up
                 img = img if img.mode == "RGB" else img.convert("RGB")
-                return [img.resize((self.img_size, self.img_size), Image.BICUBIC, box=tuple(v / k for v in b))
-                        for b in boxes], self.samples[j][1], j
+                S = self.img_size
+                if self.resize:  # crop + bicubic resize in one resample
+                    return [img.resize((S, S), Image.BICUBIC, box=tuple(v / k for v in b)) for b in boxes], self.samples[j][1], j
+                return [img.crop(tuple(min(round(v / k), s) for v, s in zip(b, img.size * 2))) for b in boxes], self.samples[j][1], j
             except OSError as e:
                 if not self.skip_bad:
                     raise RuntimeError(f"unreadable image {path}: {e} (use --skip_bad_images 1 to skip such files)") from None
@@ -201,8 +205,28 @@ class ImageFolder(torch.utils.data.Dataset):
         crops = [c.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else c for c in crops]
         if self.aug:
             crops = [strong_aug(c, rng, v) for v, c in enumerate(crops)]
-        x = torch.from_numpy(np.stack([np.asarray(c) for c in crops])).permute(0, 3, 1, 2)  # (V, 3, S, S) uint8
-        return x, label, i
+        return [torch.from_numpy(np.array(c)) for c in crops], label, i  # V x (h, w, 3) uint8
+
+
+def collate(batch):
+    """Crops differ in size: one flat uint8 tensor (one shared-memory block per batch, not one per crop)
+    and their (h, w), sample 0's views first. -> flat, sizes (n, 2), labels (b,), indices (b,)"""
+    crops = [c for item in batch for c in item[0]]
+    return (torch.cat([c.flatten() for c in crops]), torch.tensor([c.shape[:2] for c in crops]),
+            torch.tensor([item[1] for item in batch]), torch.tensor([item[2] for item in batch]))
+
+
+def crops_to_batch(flat, sizes, img_size, device):
+    """collate's crops -> (n, 3, S, S) float in [0, 255] on the device; crops not yet S x S get the
+    bicubic resize of RandomResizedCrop here (antialiased, as PIL's)."""
+    flat, out, o = flat.to(device, non_blocking=True), [], 0
+    for h, w in sizes.tolist():
+        x = flat[o:o + h * w * 3].view(1, h, w, 3).permute(0, 3, 1, 2).float()
+        o += h * w * 3
+        if (h, w) != (img_size, img_size):
+            x = F.interpolate(x, size=(img_size, img_size), mode="bicubic", antialias=True).clamp_(0, 255)
+        out.append(x)
+    return torch.cat(out)
 
 
 class ShardSampler(torch.utils.data.Sampler):
@@ -394,10 +418,11 @@ class ContrastiveModel(nn.Module):
 
 @torch.no_grad()
 def ema_update(target, online, momentum):
-    """target <- momentum * target + (1 - momentum) * online for every parameter (lerp: a frozen
-    parameter, equal in both, stays bit-identical); buffers (BatchNorm statistics) are copied."""
-    for t, o in zip(target.parameters(), online.parameters()):
-        t.lerp_(o.detach(), 1.0 - momentum)
+    """target <- momentum * target + (1 - momentum) * online for every trained parameter, in one
+    multi-tensor kernel; frozen parameters are equal in both and skipped (half the encoder's memory
+    traffic). Buffers (BatchNorm statistics) are copied."""
+    pairs = [(t, o) for t, o in zip(target.parameters(), online.parameters()) if o.requires_grad]
+    torch._foreach_lerp_([t for t, _ in pairs], [o.detach() for _, o in pairs], 1.0 - momentum)
     for t, o in zip(target.buffers(), online.buffers()):
         t.copy_(o)
 
@@ -520,21 +545,22 @@ def main(args):
     # data: every check before any training starts
     if not os.path.isdir(os.path.join(args.data_path, "train")):
         fail(f"missing split folder {os.path.join(args.data_path, 'train')} (expected train/<class>/*)")
-    train_set = ImageFolder(os.path.join(args.data_path, "train"), img_size, 2, True, args.seed, args.skip_bad_images, args.aug)
+    train_set = ImageFolder(os.path.join(args.data_path, "train"), img_size, 2, True, args.seed, args.skip_bad_images,
+                            args.aug, resize=not use_cuda)
     if len(train_set) < args.batch_size:
         fail(f"--batch_size {args.batch_size} is larger than the training set ({len(train_set)} images)")
     sampler = ShardSampler(len(train_set), args.batch_size, ddp_rank, ddp_world_size, args.seed)
     loader = torch.utils.data.DataLoader(train_set, batch_size=micro_batch, sampler=sampler, num_workers=args.num_workers,
                                          pin_memory=use_cuda, persistent_workers=args.num_workers > 0,
-                                         worker_init_fn=ignore_stop_signals)
+                                         collate_fn=collate, worker_init_fn=ignore_stop_signals)
     steps_per_epoch = sampler.steps
     max_iters = args.max_iters or args.epochs * steps_per_epoch
     warmup_iters = round(0.2 * max_iters) if args.warmup_epochs < 0 else round(args.warmup_epochs * steps_per_epoch)
     mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1) * 255
 
-    def normalize(x):  # (B, 3, S, S) uint8 on the device -> float, ImageNet mean/std
-        return (x.float() - mean) / std
+    def to_input(flat, sizes):  # collate's crops -> (n, 3, S, S) float on the device, ImageNet mean/std
+        return (crops_to_batch(flat, sizes, img_size, device) - mean) / std
 
     # optimizer: AdamW (0.9, 0.95). Encoder: layer-wise lr decay (block b gets layer_decay^(depth - b),
     # the final norm 1), weight decay 0.05. Head: its own base lr, weight decay 1e-5. No weight decay
@@ -594,8 +620,8 @@ def main(args):
                 monitor = dict(epoch=iter_num // steps_per_epoch, correct=0.0, count=0)
             loss_sum, acc = 0.0, 0.0
             for micro in range(args.grad_accum):
-                x, labels, idx = next(batches)  # (b, 2, 3, S, S) uint8, (b,), (b,)
-                x = normalize(x.to(device, non_blocking=True).transpose(0, 1).flatten(0, 1))  # (2b, ...): view 0, then view 1
+                flat, sizes, labels, idx = next(batches)  # b images x 2 crops, (b,), (b,)
+                x = to_input(flat, sizes).unflatten(0, (idx.shape[0], 2)).transpose(0, 1).flatten(0, 1)  # (2b, 3, S, S): view 0, then view 1
                 if ddp:  # sync gradients on the last micro-step only
                     model.require_backward_grad_sync = micro == args.grad_accum - 1
                 with autocast:

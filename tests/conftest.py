@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,6 +28,11 @@ def make_image_folder(root, classes=3, per_class=8, val_per_class=4, size=32, se
                 ext = "png" if i % 4 == 3 else "jpg"
                 Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(os.path.join(d, f"{i:04d}.{ext}"))
     return str(root)
+
+
+def as_views(crops):
+    """An ImageFolder item's crops (V x (S, S, 3) uint8, resized in the worker) -> (V, 3, S, S)."""
+    return torch.stack([c.permute(2, 0, 1) for c in crops])
 
 
 @pytest.fixture

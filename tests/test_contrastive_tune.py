@@ -121,6 +121,25 @@ def test_head_copies_agree(setup):
     assert torch.equal(nh.nnclr_loss(*p, 0.2), ct.nnclr_loss(*p, 0.2))
 
 
+def test_data_copies_agree():
+    """The data code is copied between the stage scripts on purpose (each script stands alone); the
+    copies must not drift apart."""
+    import inspect
+    import mae_pretrain
+    for name in ("scan_image_folder", "random_resized_crop", "collate", "crops_to_batch", "ShardSampler", "get_lr"):
+        assert inspect.getsource(getattr(mae_pretrain, name)) == inspect.getsource(getattr(nh, name)) \
+            == inspect.getsource(getattr(ct, name)), name
+    assert inspect.getsource(nh.ImageFolder) == inspect.getsource(ct.ImageFolder)
+    import knn
+    import probe
+    for name in ("scan_image_folder", "collate", "crops_to_batch"):
+        assert inspect.getsource(getattr(mae_pretrain, name)) == inspect.getsource(getattr(knn, name)) \
+            == inspect.getsource(getattr(probe, name)), name
+    assert inspect.getsource(knn.extract_features) == inspect.getsource(probe.extract_features)
+    assert inspect.getsource(mae_pretrain.ImageFolder.load) == inspect.getsource(knn.ImageFolder.load) \
+        == inspect.getsource(probe.ImageFolder.load)
+
+
 def test_topk_sampling_stays_within_topk():
     rng = np.random.default_rng(0)
     Q, P, k, n = 30, 6, 5, 2500
@@ -162,11 +181,13 @@ def test_ema_update_formula():
         torch.testing.assert_close(target.state_dict()[name], ref, rtol=0, atol=1e-14)
     for name, _ in target.named_buffers():  # BatchNorm statistics copied, not averaged
         assert torch.equal(target.state_dict()[name], on[name])
-    # an equal (frozen) parameter stays bit-identical in float32
+    # a frozen parameter (no grad in the online model) is left alone; it is equal in both in training
     a, b = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
-    b.load_state_dict(a.state_dict())
-    ct.ema_update(a, b, 0.9999)
-    assert torch.equal(a.weight, b.weight)
+    a_before, bias_before = a.weight.detach().clone(), a.bias.detach().clone()
+    b.weight.requires_grad_(False)
+    ct.ema_update(a, b, 0.9)
+    assert torch.equal(a.weight, a_before)
+    torch.testing.assert_close(a.bias, 0.9 * bias_before + 0.1 * b.bias)  # the trained bias moved
 
 
 # -----------------------------------------------------------------------------

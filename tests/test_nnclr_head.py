@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, make_image_folder, run_script, run_torchrun
+from conftest import ROOT, as_views, make_image_folder, run_script, run_torchrun
 
 sys.path.insert(0, ROOT)
 import nnclr_head as nh  # noqa: E402
@@ -251,16 +251,19 @@ def test_aug_views_deterministic_and_asymmetric(tmp_path):
     root = make_image_folder(tmp_path / "d", classes=3, per_class=4, val_per_class=1)
     plain = nh.ImageFolder(os.path.join(root, "train"), 32, 2, True, seed=0)
     aug = nh.ImageFolder(os.path.join(root, "train"), 32, 2, True, seed=0, aug=True)
-    x, label, i = aug[(0, 5)]
+    crops, label, i = aug[(0, 5)]
+    x = as_views(crops)
     assert x.shape == (2, 3, 32, 32) and x.dtype == torch.uint8 and (label, i) == (1, 5)
-    assert torch.equal(x, aug[(0, 5)][0])  # a pure function of (seed, epoch, index)
-    assert not torch.equal(x, aug[(1, 5)][0])
+    assert torch.equal(x, as_views(aug[(0, 5)][0]))  # a pure function of (seed, epoch, index)
+    assert not torch.equal(x, as_views(aug[(1, 5)][0]))
     # same crops as without --aug (the crop and flip draws come first), then colour operations
-    assert not torch.equal(x, plain[(0, 5)][0])
+    assert not torch.equal(x, as_views(plain[(0, 5)][0]))
+    # --aug resizes in the worker even where the GPU would (colour operations need the final pixels)
+    assert nh.ImageFolder(os.path.join(root, "train"), 32, 2, True, aug=True, resize=False)[(0, 5)][0][0].shape == (32, 32, 3)
     gray = np.zeros(2)
     n = 300
     for e in range(n):
-        v = aug[(e, e % len(aug))][0].int()
+        v = as_views(aug[(e, e % len(aug))][0]).int()
         gray += [(bool((v[k, 0] == v[k, 1]).all() and (v[k, 1] == v[k, 2]).all())) for k in range(2)]
     assert np.all(np.abs(gray / n - 0.2) < 0.07), gray / n  # grayscale p 0.2 in both views
 
@@ -289,7 +292,7 @@ def test_run_queue_holds_view0_in_sampler_order(setup, tmp_path):
     head = nh.NNCLRHead(**ck["head_args"])
     head.load_state_dict(ck["head"])
     last = order[-8:]
-    x = torch.stack([ds[((iters - 1) // 3, i)][0] for i in last])  # (8, 2, 3, S, S)
+    x = torch.stack([as_views(ds[((iters - 1) // 3, i)][0]) for i in last])  # (8, 2, 3, S, S)
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
     with torch.no_grad():
