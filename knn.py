@@ -137,14 +137,13 @@ def collate(batch):
 def crops_to_batch(flat, sizes, img_size, device):
     """collate's crops -> (n, 3, S, S) float in [0, 255] on the device; crops not yet S x S get the
     bicubic resize of RandomResizedCrop here (antialiased, as PIL's)."""
-    flat, out, o = flat.to(device, non_blocking=True), [], 0
+    flat, out, o = flat.to(device, non_blocking=True).float(), [], 0  # one copy and one cast per batch
     for h, w in sizes.tolist():
-        x = flat[o:o + h * w * 3].view(1, h, w, 3).permute(0, 3, 1, 2).float()
+        x = flat[o:o + h * w * 3].view(1, h, w, 3).permute(0, 3, 1, 2)  # (1, 3, h, w), a view
         o += h * w * 3
-        if (h, w) != (img_size, img_size):
-            x = F.interpolate(x, size=(img_size, img_size), mode="bicubic", antialias=True).clamp_(0, 255)
-        out.append(x)
-    return torch.cat(out)
+        out.append(x if (h, w) == (img_size, img_size) else
+                   F.interpolate(x, size=(img_size, img_size), mode="bicubic", antialias=True))
+    return torch.cat(out).clamp_(0, 255)  # bicubic overshoots at edges; PIL clamps too
 
 
 @torch.no_grad()
