@@ -44,6 +44,8 @@ parser.add_argument("--head_epochs", type=int, default=10)
 parser.add_argument("--ct_epochs", type=int, default=10)
 parser.add_argument("--probe_epochs", type=int, default=30, help="linear probe on cached features")
 parser.add_argument("--lowshot", type=int, default=5, help="labelled images per class for the logistic regression (0: skip)")
+parser.add_argument("--lowshot_splits", type=int, default=3, help="low-shot: the mean over this many random class-balanced "
+                    "subsets (seeds seed, seed+1, ...), as the papers average over 3 splits")
 parser.add_argument("--crop_pct", type=float, default=1.0, help="evaluation centre crop (1.0 for CIFAR-sized data, 0.875 for ImageNet)")
 parser.add_argument("--num_workers", type=int, default=2)
 parser.add_argument("--device", default="auto")
@@ -51,6 +53,8 @@ parser.add_argument("--seed", type=int, default=0)
 for stage in ("mae", "head", "ct", "knn", "probe", "logreg"):
     parser.add_argument(f"--{stage}_args", default="", help=f"extra flags for the {stage} stage, e.g. \"--blr 1e-3\"")
 args = parser.parse_args()
+if args.lowshot < 0 or (args.lowshot and args.lowshot_splits < 1):
+    sys.exit("error: --lowshot must be >= 0 and --lowshot_splits >= 1")
 
 
 def make_image_folder(root, classes=4, per_class=96, val_per_class=24, size=32, seed=0):
@@ -131,7 +135,8 @@ if not os.path.exists(ct_pt):
 results = {}
 for enc, ckpt in (("MAE", mae_pt), ("MAE-CT", ct_pt)):
     ev = os.path.join(out, f"eval_{enc.lower().replace('-', '')}")
-    knn_log, probe_log, logreg_log = (os.path.join(ev, d, "log.txt") for d in ("knn", "probe", "logreg"))
+    knn_log, probe_log = (os.path.join(ev, d, "log.txt") for d in ("knn", "probe"))
+    logreg_logs = [os.path.join(ev, f"logreg_s{s}", "log.txt") for s in range(args.seed, args.seed + args.lowshot_splits)]
     if last_entry(knn_log, "knn_top1") is None:
         times[f"k-NN {enc}"] = run(f"knn {enc}", "knn.py", *common, "--init", ckpt, "--pool", args.pool,
                                    "--crop_pct", args.crop_pct, "--out_dir", os.path.dirname(knn_log), *extra["knn"])
@@ -140,20 +145,24 @@ for enc, ckpt in (("MAE", mae_pt), ("MAE-CT", ct_pt)):
                                            "--crop_pct", args.crop_pct, "--cached", 1, "--epochs", args.probe_epochs,
                                            "--batch_size", args.batch_size,
                                            "--out_dir", os.path.dirname(probe_log), *extra["probe"])
-    if args.lowshot and last_entry(logreg_log, "logreg_top1") is None:
-        times[f"low-shot {enc}"] = run(f"low-shot {enc}", "probe.py", *common, *seed, "--init", ckpt, "--pool", args.pool,
-                                       "--crop_pct", args.crop_pct, "--logreg", 1, "--per_class", args.lowshot,
-                                       "--out_dir", os.path.dirname(logreg_log), *extra["logreg"])
+    for split_seed, logreg_log in zip(range(args.seed, args.seed + args.lowshot_splits), logreg_logs):
+        if args.lowshot and last_entry(logreg_log, "logreg_top1") is None:  # one random labelled subset per seed
+            times[f"low-shot {enc}, split {split_seed}"] = run(
+                f"low-shot {enc}", "probe.py", *common, "--seed", split_seed, "--init", ckpt, "--pool", args.pool,
+                "--crop_pct", args.crop_pct, "--logreg", 1, "--per_class", args.lowshot,
+                "--out_dir", os.path.dirname(logreg_log), *extra["logreg"])
     knn = last_entry(knn_log, "knn_top1")["knn_top1"]
+    lowshot = [last_entry(p, "logreg_top1")["logreg_top1"] for p in logreg_logs] if args.lowshot else []
     results[enc] = dict(knn10=knn.get("10"), knn20=knn.get("20"), probe=last_entry(probe_log, "best_top1")["best_top1"],
-                        lowshot=last_entry(logreg_log, "logreg_top1")["logreg_top1"] if args.lowshot else None)
+                        lowshot=sum(lowshot) / len(lowshot) if lowshot else None)
 
 # 5: the table
 def fmt(v):
     return "–" if v is None else f"{v:.1f}"
 
 
-cols = [("knn10", "k-NN k=10"), ("knn20", "k-NN k=20"), ("probe", "linear probe"), ("lowshot", f"low-shot {args.lowshot}/class")]
+cols = [("knn10", "k-NN k=10"), ("knn20", "k-NN k=20"), ("probe", "linear probe"),
+        ("lowshot", f"low-shot {args.lowshot}/class" + (f" (mean of {args.lowshot_splits} splits)" if args.lowshot_splits > 1 else ""))]
 lines = ["| encoder | " + " | ".join(c for _, c in cols) + " |", "|---|" + "---|" * len(cols)]
 for enc in ("MAE", "MAE-CT"):
     lines.append(f"| {enc} | " + " | ".join(fmt(results[enc][k]) for k, _ in cols) + " |")
