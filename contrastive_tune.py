@@ -361,7 +361,7 @@ def nnclr_step(z, p, idx, labels, queue, temperature, topk=1, generator=None):
     loss = nnclr_loss(nn0, nn1, p_all[0], p_all[1], temperature)
     queue.push(z_all[0], idx_all, labels_all)
     acc = 0.5 * ((nn0_labels == labels_all).float().mean() + (nn1_labels == labels_all).float().mean())
-    return loss * world, loss.item(), acc.item()
+    return loss * world, loss.detach(), acc  # tensors: the loop reads them at log steps (no sync per step)
 
 
 def build_encoder(path, img_size=0):
@@ -485,7 +485,7 @@ def main(args):
     out_dir = args.out_dir
     if master_process:
         os.makedirs(out_dir, exist_ok=True)
-    # preemption: SLURM and most schedulers send SIGTERM or SIGUSR1; stop at the next step and checkpoint
+    # preemption: SLURM and most schedulers send SIGTERM or SIGUSR1; stop at the next log step and checkpoint
     stop_signal = []
     for s in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(s, lambda signum, frame: stop_signal.append(signum))
@@ -598,6 +598,29 @@ def main(args):
         with open(os.path.join(out_dir, "log.txt"), "a") as f:
             f.write(json.dumps(entry) + "\n")
 
+    # the loop reads device values (loss, accuracy, stop flag) only at log steps, epoch ends and checkpoints:
+    # a read every step would make the CPU wait for the GPU, and the GPU then for the CPU's next launches
+    nonfinite_at = torch.tensor(-1, device=device)  # the first iteration with a non-finite loss
+    pending, window = [], []  # nearest-neighbour accuracies per step: still on the device / since the last log
+
+    def check_finite():  # every rank, at log steps and before each checkpoint write
+        if nonfinite_at.item() >= 0:
+            pbar.close()  # the error on its own line
+            fail(f"non-finite loss at iteration {nonfinite_at.item()}; the last good checkpoint is in {out_dir}")
+
+    def flush_acc():  # pending -> window and the epoch's monitor, in one device read
+        vals = torch.stack(pending).tolist() if pending else []
+        pending.clear()
+        window.extend(vals)
+        monitor["correct"] += sum(vals)
+        monitor["count"] += len(vals)
+
+    def stop_requested():  # a signal to any rank stops every rank at the same step
+        stop = torch.tensor(float(bool(stop_signal)), device=device)
+        if ddp:
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        return bool(stop.item())
+
     # training loop
     if master_process:
         n_train = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
@@ -607,7 +630,7 @@ def main(args):
               f"steps/epoch, {max_iters} iterations, lr {lr:.3g} (head {head_lr:.3g}), {dtype}, {ddp_world_size} process(es)")
     pbar = tqdm(total=max_iters, initial=iter_num, disable=not master_process, dynamic_ncols=True)
     model.train()
-    t0, imgs_seen, acc_sum, acc_n = time.time(), 0, 0.0, 0
+    t0, imgs_seen = time.time(), 0
     while iter_num < max_iters:
         sampler.set_epoch(iter_num // steps_per_epoch, start_step=iter_num % steps_per_epoch)
         batches = iter(loader)
@@ -617,7 +640,7 @@ def main(args):
             lr_now = get_lr(iter_num, lr, args.min_lr, warmup_iters, max_iters)
             if monitor["epoch"] != iter_num // steps_per_epoch:
                 monitor = dict(epoch=iter_num // steps_per_epoch, correct=0.0, count=0)
-            loss_sum, acc = 0.0, 0.0
+            loss_sum, acc = torch.zeros((), device=device), torch.zeros((), device=device)
             for micro in range(args.grad_accum):
                 flat, sizes, labels, idx = next(batches)  # b images x 2 crops, (b,), (b,)
                 x = to_input(flat, sizes).unflatten(0, (idx.shape[0], 2)).transpose(0, 1).flatten(0, 1)  # (2b, 3, S, S): view 0, then view 1
@@ -636,9 +659,7 @@ def main(args):
                 scaler.scale(loss / args.grad_accum).backward()
                 loss_sum += loss_value / args.grad_accum
                 acc += micro_acc / args.grad_accum
-            if not math.isfinite(loss_sum):
-                pbar.close()  # the error on its own line
-                fail(f"non-finite loss ({loss_sum}) at iteration {iter_num}; the last good checkpoint is in {out_dir}")
+            nonfinite_at = torch.where((nonfinite_at < 0) & ~torch.isfinite(loss_sum), iter_num, nonfinite_at)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -646,33 +667,36 @@ def main(args):
             ema_update(encoder_ema, raw_model.encoder, args.encoder_ema)
             iter_num += 1
             imgs_seen += args.batch_size
-            acc_sum, acc_n = acc_sum + acc, acc_n + 1
-            monitor["correct"] += acc
-            monitor["count"] += 1
+            pending.append(acc)
             pbar.update(1)
-            if iter_num % args.log_interval == 0 or iter_num == max_iters:
-                dt = time.time() - t0
+            at_log = iter_num % args.log_interval == 0 or iter_num == max_iters
+            if at_log:
+                check_finite()
+                flush_acc()
+                dt, loss_sum = time.time() - t0, loss_sum.item()
                 entry = dict(iter=iter_num, epoch=round(iter_num / steps_per_epoch, 3), loss=round(loss_sum, 5),
-                             nn_acc=round(acc_sum / acc_n, 4), lr=lr_now, img_per_s=round(imgs_seen / dt, 1))
+                             nn_acc=round(sum(window) / len(window), 4), lr=lr_now, img_per_s=round(imgs_seen / dt, 1))
                 pbar.set_postfix(loss=f"{loss_sum:.4f}", nn_acc=f"{entry['nn_acc']:.3f}", lr=f"{lr_now:.2e}",
                                  img_s=f"{entry['img_per_s']:.0f}")
                 if master_process:
                     log(entry)
-                t0, imgs_seen, acc_sum, acc_n = time.time(), 0, 0.0, 0
+                t0, imgs_seen = time.time(), 0
+                window.clear()
             if iter_num % steps_per_epoch == 0:  # end of an epoch: the accuracy over all its steps
+                flush_acc()
                 nn_acc_epoch = monitor["correct"] / max(1, monitor["count"])
                 if master_process:
                     log(dict(iter=iter_num, epoch=iter_num // steps_per_epoch, nn_acc_epoch=round(nn_acc_epoch, 4)))
                     pbar.write(f"epoch {iter_num // steps_per_epoch}: nearest-neighbour accuracy {nn_acc_epoch:.4f}")
-            # every rank stops at the same step when any rank got a signal
-            stop = torch.tensor(float(bool(stop_signal)), device=device)
-            if ddp:
-                dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-            if master_process and iter_num < max_iters and (iter_num % args.ckpt_interval == 0 or stop.item()):
-                save_atomic(checkpoint(), os.path.join(out_dir, f"ckpt_{iter_num:08d}.pt"))
-                for old in sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))[:-args.keep_last]:
-                    os.remove(old)
-            if stop.item():
+            stop = at_log and stop_requested()
+            if iter_num < max_iters and (iter_num % args.ckpt_interval == 0 or stop):
+                check_finite()
+                flush_acc()
+                if master_process:
+                    save_atomic(checkpoint(), os.path.join(out_dir, f"ckpt_{iter_num:08d}.pt"))
+                    for old in sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))[:-args.keep_last]:
+                        os.remove(old)
+            if stop:
                 if master_process:
                     pbar.write(f"stopped by signal at iteration {iter_num}; to continue, run the same command with --resume auto")
                 if ddp:
@@ -680,6 +704,8 @@ def main(args):
                     dist.destroy_process_group()
                 sys.exit(0)
     pbar.close()
+    check_finite()
+    flush_acc()
     if master_process:
         save_atomic(checkpoint(), os.path.join(out_dir, "ct.pt"))
         print(f"wrote {os.path.join(out_dir, 'ct.pt')}")

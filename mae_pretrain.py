@@ -325,7 +325,7 @@ def main(args):
     out_dir = args.out_dir
     if master_process:
         os.makedirs(out_dir, exist_ok=True)
-    # preemption: SLURM and most schedulers send SIGTERM or SIGUSR1; stop at the next step and checkpoint
+    # preemption: SLURM and most schedulers send SIGTERM or SIGUSR1; stop at the next log step and checkpoint
     stop_signal = []
     for s in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(s, lambda signum, frame: stop_signal.append(signum))
@@ -432,6 +432,21 @@ def main(args):
         raw_model.train()
         return loss.item()
 
+    # the loop reads device values (loss, stop flag) only at log steps: a read every step would make the
+    # CPU wait for the GPU, and the GPU then for the CPU's next launches
+    nonfinite_at = torch.tensor(-1, device=device)  # the first iteration with a non-finite loss
+
+    def check_finite():  # every rank, at log steps and before each checkpoint write
+        if nonfinite_at.item() >= 0:
+            pbar.close()  # the error on its own line
+            fail(f"non-finite loss at iteration {nonfinite_at.item()}; the last good checkpoint is in {out_dir}")
+
+    def stop_requested():  # a signal to any rank stops every rank at the same step
+        stop = torch.tensor(float(bool(stop_signal)), device=device)
+        if ddp:
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        return bool(stop.item())
+
     # training loop
     if master_process:
         n_params = sum(p.numel() for p in model.parameters())
@@ -451,7 +466,7 @@ def main(args):
             # no RNG state, and each sample's mask is the same for any number of processes / micro-steps
             g = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + iter_num)
             noise = torch.rand(args.batch_size * args.views, raw_model.num_patches, device=device, generator=g)
-            loss_sum = 0.0
+            loss_sum = torch.zeros((), device=device)
             for micro in range(args.grad_accum):
                 x = to_input(*next(batches)[:2])  # (b * V, 3, S, S): the V views of a sample are neighbours
                 first = (ddp_rank * args.grad_accum + micro) * micro_batch * args.views  # position in the global batch
@@ -460,20 +475,20 @@ def main(args):
                 with autocast:
                     loss = model(x, args.mask_ratio, noise[first:first + x.shape[0]])[0]
                 scaler.scale(loss / args.grad_accum).backward()
-                loss_sum += loss.item() / args.grad_accum
-            if not math.isfinite(loss_sum):
-                fail(f"non-finite loss ({loss_sum}) at iteration {iter_num}; the last good checkpoint is in {out_dir}")
+                loss_sum += loss.detach().float() / args.grad_accum
+            nonfinite_at = torch.where((nonfinite_at < 0) & ~torch.isfinite(loss_sum), iter_num, nonfinite_at)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             iter_num += 1
             imgs_seen += args.batch_size
             pbar.update(1)
-            if iter_num % args.log_interval == 0 or iter_num == max_iters:
+            at_log = iter_num % args.log_interval == 0 or iter_num == max_iters
+            if at_log:
+                check_finite()
                 if ddp:  # log the loss of the global batch, not only rank 0's share
-                    t = torch.tensor(loss_sum, device=device)
-                    dist.all_reduce(t)
-                    loss_sum = t.item() / ddp_world_size
+                    dist.all_reduce(loss_sum)
+                loss_sum = loss_sum.item() / ddp_world_size
                 dt = time.time() - t0
                 entry = dict(iter=iter_num, epoch=round(iter_num / steps_per_epoch, 3), loss=round(loss_sum, 5),
                              lr=lr_now, img_per_s=round(imgs_seen / dt, 1))
@@ -485,15 +500,14 @@ def main(args):
                 val_loss = evaluate()
                 log(dict(iter=iter_num, val_loss=round(val_loss, 5)))
                 pbar.write(f"iter {iter_num}: val loss {val_loss:.4f}")
-            # every rank stops at the same step when any rank got a signal
-            stop = torch.tensor(float(bool(stop_signal)), device=device)
-            if ddp:
-                dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-            if master_process and iter_num < max_iters and (iter_num % args.ckpt_interval == 0 or stop.item()):
-                save_atomic(checkpoint(), os.path.join(out_dir, f"ckpt_{iter_num:08d}.pt"))
-                for old in sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))[:-args.keep_last]:
-                    os.remove(old)
-            if stop.item():
+            stop = at_log and stop_requested()
+            if iter_num < max_iters and (iter_num % args.ckpt_interval == 0 or stop):
+                check_finite()
+                if master_process:
+                    save_atomic(checkpoint(), os.path.join(out_dir, f"ckpt_{iter_num:08d}.pt"))
+                    for old in sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))[:-args.keep_last]:
+                        os.remove(old)
+            if stop:
                 if master_process:
                     pbar.write(f"stopped by signal at iteration {iter_num}; to continue, run the same command with --resume auto")
                 if ddp:
@@ -501,6 +515,7 @@ def main(args):
                     dist.destroy_process_group()
                 sys.exit(0)
     pbar.close()
+    check_finite()
     if master_process:
         save_atomic(checkpoint(), os.path.join(out_dir, "mae.pt"))
         print(f"wrote {os.path.join(out_dir, 'mae.pt')}")

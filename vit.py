@@ -83,11 +83,16 @@ def sincos_pos_embed(dim, grid_size, cls_token=True):
 
 # -----------------------------------------------------------------------------
 # attention backend: "auto" = flash-attn when installed and the input is CUDA fp16/bf16, else SDPA
-# (which itself picks flash / memory-efficient kernels on CUDA). "math" is the plain formula,
+# (which itself picks its flash / memory-efficient kernels on CUDA). "math" is the plain formula,
 # for benchmarks and tests. Set with set_attn_backend().
 
 ATTN_BACKEND = "auto"
 _announced = set()
+# SDPA's cuDNN kernel stays off in any process that imports this file, so SDPA runs its flash kernel on
+# CUDA. cuDNN's is the default on Hopper in recent torch builds and has open silent-correctness reports
+# upstream; the one H200 run here in which a compiled MAE disagreed with eager (35%) used it. With the
+# flash kernel every CUDA test passes (README, Speed).
+torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def set_attn_backend(name):
@@ -172,7 +177,12 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x):  # (B, 3, H, W) -> (B, N, D), row-major patches
-        return self.proj(x).flatten(2).transpose(1, 2)
+        # the conv as one matmul over flattened patches, with the conv's own weights (D, 3, P, P): cuDNN
+        # runs a stride-P conv as a slow implicit GEMM (5% of an H200 MAE step), a plain matmul near peak
+        B, C, H, W = x.shape
+        P = self.proj.kernel_size[0]
+        x = x.reshape(B, C, H // P, P, W // P, P).permute(0, 2, 4, 1, 3, 5)  # (B, H/P, W/P, C, P, P)
+        return F.linear(x.reshape(B, (H // P) * (W // P), C * P * P), self.proj.weight.flatten(1), self.proj.bias)
 
 
 def init_weights(module):

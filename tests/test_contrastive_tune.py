@@ -74,7 +74,7 @@ def assert_same(a, b, path="ckpt"):
 
 
 def load(path):
-    return torch.load(path, weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=False)  # a GPU run's tensors come back to the CPU
 
 
 def log_entries(path):

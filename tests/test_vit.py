@@ -35,6 +35,20 @@ def test_sincos_matches_float64_formula():
     np.testing.assert_allclose(emb[1:], ref, atol=1e-6)
 
 
+def test_patch_embed_equals_the_conv_and_a_float64_patch_matmul():
+    # the matmul form of the patch embedding gives the conv's result with the conv's weights (the
+    # checkpoint key and shape stay timm's / facebookresearch/mae's), in row-major patch order
+    m = small_vit()
+    imgs = torch.randn(2, 3, 32, 32)
+    conv = m.patch_embed.proj(imgs).flatten(2).transpose(1, 2)  # (2, 16, D)
+    torch.testing.assert_close(m.patch_embed(imgs), conv, atol=1e-5, rtol=1e-5)
+    w, bias, P = m.patch_embed.proj.weight.double(), m.patch_embed.proj.bias.double(), 8
+    for r, c in ((0, 0), (1, 2), (3, 3)):
+        patch = imgs[1, :, r * P:(r + 1) * P, c * P:(c + 1) * P].double()
+        ref = (w * patch).sum((1, 2, 3)) + bias
+        torch.testing.assert_close(m.patch_embed(imgs)[1, r * 4 + c].double(), ref, atol=1e-5, rtol=1e-5)
+
+
 def test_random_masking_invariants():
     B, L, D, r = 3, 16, 5, 0.75
     x = torch.randn(B, L, D)
