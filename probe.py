@@ -428,7 +428,7 @@ def main(args):
     out_dir = args.out_dir
     if master_process:
         os.makedirs(out_dir, exist_ok=True)
-    # preemption: SLURM and most schedulers send SIGTERM or SIGUSR1; stop at the next step and checkpoint
+    # preemption: SLURM and most schedulers send SIGTERM or SIGUSR1; stop at the next log step and checkpoint
     stop_signal = []
     for s in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(s, lambda signum, frame: stop_signal.append(signum))
@@ -606,6 +606,21 @@ def main(args):
                     crop_pct=args.crop_pct, heads=raw_heads.state_dict(), optimizer=optimizer.state_dict(),
                     iter_num=iter_num, head_best=head_best, last=last, args=vars(args))
 
+    # the loop reads device values (losses, stop flag) only at log steps, evaluations and checkpoints:
+    # a read every step would make the CPU wait for the GPU, and the GPU then for the CPU's next launches
+    nonfinite_at = torch.tensor(-1, device=device)  # the first iteration with a non-finite loss
+
+    def check_finite():  # every rank, at log steps and before each checkpoint write
+        if nonfinite_at.item() >= 0:
+            pbar.close()  # the error on its own line
+            fail(f"non-finite loss at iteration {nonfinite_at.item()}; the last good checkpoint is in {out_dir}")
+
+    def stop_requested():  # a signal to any rank stops every rank at the same step
+        stop = torch.tensor(float(bool(stop_signal)), device=device)
+        if ddp:
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        return bool(stop.item())
+
     # training loop
     if master_process:
         print(f"{H} heads, blrs {args.blrs} (lr {', '.join(f'{lr:.3g}' for lr in lrs)}), batch {args.batch_size}, "
@@ -622,14 +637,15 @@ def main(args):
             f, y = next(batches)  # (B, D), (B,): the global batch
             losses = torch.stack([F.cross_entropy(z, y) for z in heads(f)])  # (H,)
             losses.sum().backward()  # the heads share no parameter: each gets exactly its own gradient
-            if not torch.isfinite(losses).all():
-                fail(f"non-finite loss {losses.tolist()} at iteration {iter_num}; the last good checkpoint is in {out_dir}")
+            nonfinite_at = torch.where((nonfinite_at < 0) & ~torch.isfinite(losses).all(), iter_num, nonfinite_at)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             iter_num += 1
             imgs_seen += args.batch_size
             pbar.update(1)
-            if iter_num % args.log_interval == 0 or iter_num == max_iters:
+            at_log = iter_num % args.log_interval == 0 or iter_num == max_iters
+            if at_log:
+                check_finite()
                 dt = time.time() - t0
                 entry = dict(iter=iter_num, epoch=round(iter_num / steps_per_epoch, 3),
                              loss=[round(v, 5) for v in losses.tolist()], img_per_s=round(imgs_seen / dt, 1))
@@ -638,6 +654,7 @@ def main(args):
                     log(entry)
                 t0, imgs_seen = time.time(), 0
             if iter_num % eval_iters == 0 or iter_num == max_iters:
+                check_finite()
                 top1, top5 = evaluate()
                 last = dict(top1=top1, top5=top5, epoch=round(iter_num / steps_per_epoch, 3))
                 head_best = [max(a, b) for a, b in zip(head_best, top1)]
@@ -649,15 +666,14 @@ def main(args):
                     log(dict(iter=iter_num, **last, best_top1=best["top1"], best_blr=best["blr"]))
                     pbar.write(f"epoch {last['epoch']:g}: top-1 " + " ".join(f"{v:.2f}" for v in top1) +
                                f" (blrs {' '.join(f'{b:g}' for b in args.blrs)}); best {best['top1']:.2f} (blr {best['blr']:g})")
-            # every rank stops at the same step when any rank got a signal
-            stop = torch.tensor(float(bool(stop_signal)), device=device)
-            if ddp:
-                dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-            if master_process and iter_num < max_iters and (iter_num % args.ckpt_interval == 0 or stop.item()):
-                save_atomic(checkpoint(), os.path.join(out_dir, f"ckpt_{iter_num:08d}.pt"))
-                for old in sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))[:-args.keep_last]:
-                    os.remove(old)
-            if stop.item():
+            stop = at_log and stop_requested()
+            if iter_num < max_iters and (iter_num % args.ckpt_interval == 0 or stop):
+                check_finite()
+                if master_process:
+                    save_atomic(checkpoint(), os.path.join(out_dir, f"ckpt_{iter_num:08d}.pt"))
+                    for old in sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))[:-args.keep_last]:
+                        os.remove(old)
+            if stop:
                 if master_process:
                     pbar.write(f"stopped by signal at iteration {iter_num}; to continue, run the same command with --resume auto")
                 if ddp:
@@ -665,6 +681,7 @@ def main(args):
                     dist.destroy_process_group()
                 sys.exit(0)
     pbar.close()
+    check_finite()
     if master_process:
         save_atomic(checkpoint(), os.path.join(out_dir, "probe.pt"))
         if last is not None:

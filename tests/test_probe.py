@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -336,6 +337,11 @@ def test_errors(setup, capsys):
     assert "--batch_size 32 is larger than the training set (24 images)" in line
     line = error_line(capsys, *base(data, enc, tmp / "p", "--cached", 1, "--blrs", 0.2, "--resume", "auto"))
     assert "--blrs" in line  # resuming with other heads than the checkpoint's
+    # a diverging lr: caught at the next log step, naming the first bad iteration; no head file written
+    line = error_line(capsys, *base(data, enc, tmp / "nan", "--cached", 1, "--blrs", 1e38, "--log_interval", 2))
+    first = int(re.search(r"non-finite loss at iteration (\d+);", line).group(1))
+    logged = [json.loads(x)["iter"] for x in open(tmp / "nan" / "log.txt") if '"loss"' in x]
+    assert first >= 1 and max(logged) <= first and not (tmp / "nan" / "probe.pt").exists()  # caught at the next log step
     (tmp / "data" / "val" / "class_2" / "zz.jpg").write_bytes(b"not a jpeg")
     line = error_line(capsys, *base(data, enc, tmp / "x", "--cached", 1))
     assert "unreadable image" in line and "zz.jpg" in line
