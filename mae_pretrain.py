@@ -496,10 +496,12 @@ def main(args):
                 if master_process:
                     log(entry)
                 t0, imgs_seen = time.time(), 0
-            if master_process and (iter_num % args.eval_interval == 0 or iter_num == max_iters):
-                val_loss = evaluate()
-                log(dict(iter=iter_num, val_loss=round(val_loss, 5)))
-                pbar.write(f"iter {iter_num}: val loss {val_loss:.4f}")
+            if iter_num % args.eval_interval == 0 or iter_num == max_iters:
+                check_finite()  # every rank; no val loss or picture from non-finite weights
+                if master_process:
+                    val_loss = evaluate()
+                    log(dict(iter=iter_num, val_loss=round(val_loss, 5)))
+                    pbar.write(f"iter {iter_num}: val loss {val_loss:.4f}")
             stop = at_log and stop_requested()
             if iter_num < max_iters and (iter_num % args.ckpt_interval == 0 or stop):
                 check_finite()

@@ -68,6 +68,14 @@ def inputs(seed=1, batch=4):
     return imgs, noise, proj
 
 
+def projected_loss(imgs, proj):
+    """loss_of for fwd_bwd on a ViT: its tokens and their projection on the fixed direction proj."""
+    def loss_of(fn):
+        out = fn(imgs)
+        return out, (out.float() * proj).sum()
+    return loss_of
+
+
 def fwd_bwd(module, fn, dtype, loss_of):
     """One forward (autocast to dtype unless float32) and backward of fn, whose parameters are
     module's (fn may be torch.compile(module)). -> (output as float32, {name: gradient})"""
@@ -103,10 +111,7 @@ def op_and_kernel_names(prof):
 def test_vit_autocast_close_to_fp32(dtype, exact_fp32):
     model = small_vit()
     imgs, _, proj = inputs()
-
-    def loss_of(fn):
-        out = fn(imgs)
-        return out, (out.float() * proj).sum()
+    loss_of = projected_loss(imgs, proj)
 
     ref_out, ref_grads = fwd_bwd(model, model, torch.float32, loss_of)
     seen = []  # the dtype the first qkv matmul really ran in: autocast must reach the blocks
@@ -242,10 +247,7 @@ def test_compiled_vit_matches_eager():
     torch.compiler.reset()
     model = small_vit(depth=2)  # fewer blocks, less to compile
     imgs, _, proj = inputs()
-
-    def loss_of(fn):
-        out = fn(imgs)
-        return out, (out.float() * proj).sum()
+    loss_of = projected_loss(imgs, proj)
 
     eager_out, eager_grads = fwd_bwd(model, model, torch.bfloat16, loss_of)
     compiled = torch.compile(model)
