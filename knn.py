@@ -13,9 +13,13 @@ facebookresearch/mae's, the MAE-CT releases. Prints top-1 per k; with --out_dir,
 to out_dir/log.txt.
 """
 import argparse
+import atexit
+import fcntl
 import json
 import math
 import os
+import re
+import socket
 import sys
 from contextlib import nullcontext
 
@@ -55,25 +59,56 @@ def fail(msg):  # one clear line, every rank stops
     sys.exit(2)
 
 
+def check_flags(args, rules):
+    """rules: rows (flags, wanted, test). One line per flag out of its range (a list flag: any entry), then exit 2,
+    before anything runs."""
+    bad = []
+    for flags, wanted, ok in rules:
+        for flag in flags.split():
+            v = getattr(args, flag)
+            if not all(ok(x) for x in (v if isinstance(v, list) else [v])):
+                bad.append(f"error: --{flag} {' '.join(map(str, v)) if isinstance(v, list) else v} must be {wanted}")
+    if bad:
+        print("\n".join(bad), file=sys.stderr)
+        sys.exit(2)
+
+
 # -----------------------------------------------------------------------------
 # data: image folder -> uint8 crops (normalised on the device, which is cheaper than on the CPU)
-IMG_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
+IMG_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif")
 
 
 def scan_image_folder(root):
-    """[(path, class_index)], classes: sorted subfolder names. Fails loudly on an empty layout."""
+    """[(path, class_index)], classes: subfolder names in string order ("0", "10", "2"); the images directly in each
+    (not in nested folders); names starting with "." (macOS ._* files, .ipynb_checkpoints) are not read. Fails loudly
+    on an empty layout."""
     if not os.path.isdir(root):
         fail(f"image folder not found: {root}")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         fail(f"no class folders in {root} (expected {root}/<class>/<image>)")
     samples = []
     for c, name in enumerate(classes):
-        files = sorted(f for f in os.listdir(os.path.join(root, name)) if f.lower().endswith(IMG_EXTS))
+        files = sorted(f for f in os.listdir(os.path.join(root, name)) if f.lower().endswith(IMG_EXTS) and f[0] != ".")
         if not files:
             fail(f"class folder {os.path.join(root, name)} holds no images ({', '.join(IMG_EXTS)})")
         samples += [(os.path.join(root, name, f), c) for f in files]
     return samples, classes
+
+
+def to_rgb(img):
+    """Any PIL image -> 8-bit RGB. convert("RGB") clips 16- and 32-bit integers at 255 (near white) and takes floats
+    as 0-255 (near black), so those are scaled here: integers (I;16*, I) by 255 / 65535, values outside 0-65535
+    refused; floats (F) by 255, values outside [0, 1] refused (torchvision's float range). Refusals and modes
+    convert("RGB") gets wrong (LAB) raise OSError: an unreadable image."""
+    if img.mode in ("RGB", "1", "L", "P", "PA", "LA", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "HSV"):
+        return img if img.mode == "RGB" else img.convert("RGB")
+    if img.mode not in ("I", "F") and not img.mode.startswith("I;16"):
+        raise OSError(f"image mode {img.mode} is not supported (save it as RGB)")
+    a, (hi, scale) = np.asarray(img, dtype=np.float64), (1, 255) if img.mode == "F" else (65535, 255 / 65535)  # (h, w)
+    if not 0 <= a.min() <= a.max() <= hi:  # NaN fails too
+        raise OSError(f"mode {img.mode} values span [{a.min():g}, {a.max():g}], outside [0, {hi}] (save it as RGB)")
+    return Image.fromarray(np.rint(a * scale).astype(np.uint8)).convert("RGB")
 
 
 class ImageFolder(torch.utils.data.Dataset):
@@ -104,12 +139,12 @@ class ImageFolder(torch.utils.data.Dataset):
                 if f >= 2:
                     img.draft(None, (math.ceil(w / f), math.ceil(h / f)))
                 k = round(w / img.size[0])  # the draft's DCT scale (1, 2, 4 or 8); it rounds sides up
-                img = img if img.mode == "RGB" else img.convert("RGB")
+                img = to_rgb(img)
                 S, label = self.img_size, self.samples[(i + attempt) % len(self.samples)][1]
                 if self.resize:  # crop + bicubic resize in one resample
                     return [img.resize((S, S), Image.BICUBIC, box=tuple(v / k for v in b)) for b in boxes], label
                 return [img.crop(tuple(min(round(v / k), s) for v, s in zip(b, img.size * 2))) for b in boxes], label
-            except OSError as e:
+            except (OSError, Image.DecompressionBombError) as e:  # the bomb: over twice Image.MAX_IMAGE_PIXELS
                 if not self.skip_bad:
                     raise RuntimeError(f"unreadable image {path}: {e} (use --skip_bad_images 1 to skip such files)") from None
                 self.bad += 1
@@ -219,8 +254,47 @@ def knn_classify(bank, bank_labels, queries, ks, temperature, num_classes, chunk
     return {k: torch.cat(p) for k, p in preds.items()}
 
 
+def lock_out_dir(out_dir):
+    """Rank 0: create out_dir and lock it until this process ends, so a second run into it is refused before it writes
+    anything. A kernel lock (fcntl), dropped when the process dies however it dies; the file names the holder."""
+    path, pid = os.path.join(out_dir, "lock"), os.getpid()
+    me = f"pid {pid} on host {socket.gethostname()}"
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        if not os.access(out_dir, os.W_OK):
+            fail(f"cannot write to --out_dir {out_dir}: permission denied")
+        while True:  # until the file locked is the one at path: a holder removes it as it ends
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except (BlockingIOError, PermissionError):  # held by a live process
+                holder = os.read(fd, 200).decode(errors="replace").strip() or "a run that is starting"
+                fail(f"--out_dir {out_dir} is in use by another run ({holder}; {path}): wait, or use another out_dir")
+            except OSError as e:  # a file system without locks: run, but say so
+                print(f"warning: cannot lock {path} ({e.strerror}): a second run would not be stopped", file=sys.stderr)
+            if os.path.exists(path) and os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+            os.close(fd)
+        stale = os.read(fd, 200).decode(errors="replace").strip()
+        if stale and stale != me:  # (me: main() called again in one process)
+            print(f"warning: taking over the lock {path} of {stale}, which ended without releasing it", file=sys.stderr)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{me}\n".encode(), 0)
+    except OSError as e:  # FileExistsError: out_dir is a file
+        fail(f"cannot write to --out_dir {out_dir}: {'it is a file' if isinstance(e, FileExistsError) else e.strerror}")
+    atexit.register(lambda: os.getpid() == pid and os.path.exists(path) and os.remove(path))  # not in forked workers
+
+
 # -----------------------------------------------------------------------------
 def main(args):
+    check_flags(args, [  # every flag's range, before anything runs: (flags, wanted, test)
+        ("k batch_size chunk", ">= 1", lambda v: v >= 1),
+        ("num_workers img_size", ">= 0", lambda v: v >= 0),
+        ("temperature", "> 0", lambda v: v > 0),
+        ("crop_pct", "in (0, 1]", lambda v: 0 < v <= 1),
+        ("standardize compile skip_bad_images", "0 or 1", lambda v: v in (0, 1)),
+        ("device", "auto, cpu, cuda or cuda:N", lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v)),
+    ])
     # DDP: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; NCCL on GPUs, gloo on CPU
     ddp = int(os.environ.get("RANK", -1)) != -1
     use_cuda = torch.cuda.is_available() if args.device == "auto" else args.device.startswith("cuda")
@@ -240,10 +314,8 @@ def main(args):
     autocast = nullcontext() if dtype == "float32" else torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype))
     if args.batch_size % ddp_world_size != 0:
         fail(f"--batch_size {args.batch_size} is not divisible by processes ({ddp_world_size})")
-    if min(args.k) < 1:
-        fail(f"--k must be positive, got {args.k}")
-    if args.temperature <= 0 or args.chunk < 1 or not 0 < args.crop_pct <= 1:
-        fail("--temperature and --chunk must be positive and --crop_pct in (0, 1]")
+    if master_process and args.out_dir:
+        lock_out_dir(args.out_dir)
 
     # encoder and data: every check before any feature is extracted
     try:
@@ -292,7 +364,6 @@ def main(args):
         for k in ks:
             print(f"{k:>5}  {top1[k]:.2f}")
         if args.out_dir:
-            os.makedirs(args.out_dir, exist_ok=True)
             entry = dict(knn_top1={str(k): round(top1[k], 4) for k in ks}, temperature=args.temperature,
                          pool=args.pool, standardize=args.standardize, init=args.init, which=args.which,
                          bank=len(bank_set), queries=len(query_set), img_size=img_size, crop_pct=args.crop_pct)

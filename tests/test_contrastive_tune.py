@@ -138,6 +138,9 @@ def test_data_copies_agree():
     assert inspect.getsource(knn.extract_features) == inspect.getsource(probe.extract_features)
     assert inspect.getsource(mae_pretrain.ImageFolder.load) == inspect.getsource(knn.ImageFolder.load) \
         == inspect.getsource(probe.ImageFolder.load)
+    for name in ("IMG_EXTS", "to_rgb", "check_flags", "lock_out_dir"):  # the same in all five scripts
+        assert len({repr(v) if name == "IMG_EXTS" else inspect.getsource(v)
+                    for v in (getattr(m, name) for m in (mae_pretrain, nh, ct, knn, probe))}) == 1, name
 
 
 def test_topk_sampling_stays_within_topk():
