@@ -172,7 +172,7 @@ BAD_FLAGS = {
                ("standardize", "2", "0 or 1")],
 }
 ONE_BY_ONE = [("mae_pretrain.py", "mask_ratio", "0.0", "in (0, 1)"), ("mae_pretrain.py", "mask_ratio", "1.0", "in (0, 1)"),
-              ("nnclr_head.py", "epochs", "0", ">= 1"), ("contrastive_tune.py", "encoder_ema", "1.0", "in [0, 1)"),
+              ("contrastive_tune.py", "encoder_ema", "1.0", "in [0, 1)"),
               ("knn.py", "temperature", "-1.0", "> 0")] + [(s, *case) for s, cases in BAD_FLAGS.items() for case in cases]
 
 
