@@ -529,8 +529,9 @@ def main(args):
     check_flags(args, [  # every flag's range, before anything runs: (flags, wanted, test)
         ("epochs batch_size grad_accum log_interval ckpt_interval topk", ">= 1", lambda v: v >= 1),
         ("max_iters num_workers keep_last img_size min_lr weight_decay head_weight_decay", ">= 0", lambda v: v >= 0),
+        ("blr head_blr", ">= 0", lambda v: v >= 0),
         ("warmup_epochs freeze_blocks", "-1 or >= 0", lambda v: v == -1 or v >= 0),
-        ("blr head_blr temperature", "> 0", lambda v: v > 0),
+        ("temperature", "> 0", lambda v: v > 0),
         ("layer_decay", "in (0, 1]", lambda v: 0 < v <= 1),
         ("target_ema encoder_ema", "in [0, 1)", lambda v: 0 <= v < 1),
         ("aug compile skip_bad_images", "0 or 1", lambda v: v in (0, 1)),

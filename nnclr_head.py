@@ -482,9 +482,9 @@ def main(args):
     check_flags(args, [  # every flag's range, before anything runs: (flags, wanted, test)
         ("epochs batch_size grad_accum log_interval ckpt_interval", ">= 1", lambda v: v >= 1),
         ("queue_size proj_hidden proj_dim pred_hidden", ">= 1", lambda v: v >= 1),
-        ("max_iters num_workers keep_last img_size min_lr weight_decay", ">= 0", lambda v: v >= 0),
+        ("max_iters num_workers keep_last img_size blr min_lr weight_decay", ">= 0", lambda v: v >= 0),
         ("warmup_epochs", "-1 or >= 0", lambda v: v == -1 or v >= 0),
-        ("blr temperature", "> 0", lambda v: v > 0),
+        ("temperature", "> 0", lambda v: v > 0),
         ("aug compile skip_bad_images", "0 or 1", lambda v: v in (0, 1)),
         ("device", "auto, cpu, cuda or cuda:N", lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v)),
     ])
