@@ -343,7 +343,8 @@ def lock_out_dir(out_dir):
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except (BlockingIOError, PermissionError):  # held by a live process
                 holder = os.read(fd, 200).decode(errors="replace").strip() or "a run that is starting"
-                fail(f"--out_dir {out_dir} is in use by another run ({holder}; {path}): wait, or use another out_dir")
+                fail(f"--out_dir {out_dir} is in use by another run ({holder}): wait for it, use another out_dir, "
+                     f"or if that run is gone (its node died), delete {path}")
             except OSError as e:  # a file system without locks: run, but say so
                 print(f"warning: cannot lock {path} ({e.strerror}): a second run would not be stopped", file=sys.stderr)
             if os.path.exists(path) and os.path.samestat(os.fstat(fd), os.stat(path)):

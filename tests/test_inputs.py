@@ -106,8 +106,9 @@ def test_refused_images_are_unreadable_images(tmp_path, script):
     for name, why in bad.items():
         with pytest.raises(RuntimeError) as e:
             load(names.index(name))
-        assert str(e.value).startswith(f"unreadable image {tmp_path / 'train' / 'class_0' / name}: ") and why in str(e.value) \
-            and str(e.value).endswith("(use --skip_bad_images 1 to skip such files)"), str(e.value)
+        msg = str(e.value)
+        assert msg.startswith(f"unreadable image {tmp_path / 'train' / 'class_0' / name}: ") and why in msg \
+            and msg.endswith("(use --skip_bad_images 1 to skip such files)"), msg
     ds, load = make_loader(SCRIPTS[script], str(tmp_path / "train"), skip_bad=True)
     first = load(names.index("b_bomb.png"))  # skips all four to the next good image: the first of class c1
     assert ds.bad == 4 and np.array(first[0][0]).shape == (S, S, 3) and first[1] == 1
@@ -250,12 +251,12 @@ def test_second_run_into_a_locked_out_dir_is_refused_and_a_killed_runs_lock_take
     """A real run holds out_dir; each script started into it is refused in one line naming the holder, and writes
     nothing; after the holder is killed (SIGKILL: no clean-up) the next run takes the lock over with a warning."""
     data, out = make_image_folder(tmp_path / "data", classes=2, per_class=4, val_per_class=2, size=S), tmp_path / "out"
-    mae_argv = ["mae_pretrain.py", "--data_path", data, "--out_dir", str(out), "--model", "vit_micro", "--img_size", str(S),
-                "--patch_size", "4", "--dec_dim", "16", "--dec_depth", "1", "--dec_heads", "2", "--batch_size", "4",
-                "--num_workers", "0", "--device", "cpu"]
+    mae_argv = ["mae_pretrain.py", "--data_path", data, "--out_dir", str(out), "--model", "vit_micro",
+                "--img_size", str(S), "--patch_size", "4", "--dec_dim", "16", "--dec_depth", "1", "--dec_heads", "2",
+                "--batch_size", "4", "--num_workers", "0", "--device", "cpu"]
     never = ["--log_interval", "100000", "--eval_interval", "100000", "--ckpt_interval", "100000"]  # it writes nothing
-    holder = subprocess.Popen([sys.executable, *mae_argv, "--max_iters", "1000000", *never], cwd=ROOT,
-                              env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    holder = subprocess.Popen([sys.executable, *mae_argv, "--max_iters", "1000000", *never], cwd=ROOT, env=dict(
+        os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         lock, t0 = out / "lock", time.time()
         while not (lock.exists() and lock.read_text()) and time.time() - t0 < 60 and holder.poll() is None:
@@ -268,8 +269,9 @@ def test_second_run_into_a_locked_out_dir_is_refused_and_a_killed_runs_lock_take
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE) for s in SCRIPTS}
         for s, p in procs.items():
             stdout, stderr = p.communicate(timeout=120)
-            assert p.returncode == 2 and stderr == f"error: --out_dir {out} is in use by another run ({holding}; {lock}): " \
-                "wait, or use another out_dir\n" and stdout == "", (s, stderr[-2000:])
+            want = f"error: --out_dir {out} is in use by another run ({holding}): wait for it, use another out_dir, " \
+                f"or if that run is gone (its node died), delete {lock}\n"
+            assert p.returncode == 2 and stdout == "" and stderr == want, (s, stderr[-2000:])
         assert os.listdir(out) == ["lock"] and lock.read_text() == holding + "\n" and holder.poll() is None
     finally:
         holder.send_signal(signal.SIGKILL)
