@@ -265,7 +265,7 @@ class NNCLRHead(nn.Module):
         self.predictor = nn.Sequential(
             nn.Linear(proj_dim, pred_hidden, bias=False), nn.BatchNorm1d(pred_hidden), nn.ReLU(inplace=True),
             nn.Linear(pred_hidden, proj_dim, bias=False))
-        vit.init_weights(self)
+        # torch's default init (Linear: kaiming-uniform, bound 1/sqrt(fan_in)), as in the authors' code: no xavier
 
     def forward(self, x):
         """x (V, B, in_dim) pooled features of V views -> projections z, predictions p, both
@@ -348,16 +348,16 @@ def nnclr_step(z, p, idx, labels, queue, temperature, topk=1, generator=None):
     loss of all of it; p's gradient reaches only the local slot, so the ranks' gradients sum to
     the full gradient, and DDP averages them: the loss to call backward on is x world_size (the
     same gradient as an all-gather whose backward all-reduces). The queue gets view 0 after the
-    loss. -> (loss for backward, loss value, nearest-neighbour accuracy over both views)"""
+    loss. -> (loss for backward, loss value, nearest-neighbour accuracy of view 0, as the authors log it)"""
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     z_all = all_gather(z.detach(), dim=1)  # (2, B, P)
     p_all = all_gather(p, dim=1, grad=True)  # (2, B, P)
     idx_all, labels_all = all_gather(idx), all_gather(labels)  # (B,)
     nn0, nn0_labels = queue.lookup(z_all[0], idx_all, topk, generator)
-    nn1, nn1_labels = queue.lookup(z_all[1], idx_all, topk, generator)
+    nn1, _ = queue.lookup(z_all[1], idx_all, topk, generator)
     loss = nnclr_loss(nn0, nn1, p_all[0], p_all[1], temperature)
     queue.push(z_all[0], idx_all, labels_all)
-    acc = 0.5 * ((nn0_labels == labels_all).float().mean() + (nn1_labels == labels_all).float().mean())
+    acc = (nn0_labels == labels_all).float().mean()
     return loss * world, loss.detach(), acc  # tensors: the loop reads them at log steps (no sync per step)
 
 
