@@ -43,6 +43,7 @@ parser.add_argument("--init", default="", help="the encoder: mae.pt, a facebookr
 parser.add_argument("--head", default="", help="head.pt of nnclr_head.py (projector, predictor, filled queue)")
 parser.add_argument("--resume", default="", help="a checkpoint to continue, or 'auto' for the newest in out_dir")
 parser.add_argument("--img_size", type=int, default=0, help="0 = the head's (= its encoder's)")
+parser.add_argument("--heads", type=int, default=0, help="attention heads of a foreign --init whose width is not 192/384/768/1024/1280 (0: from the width)")
 parser.add_argument("--pool", default="", choices=["", "cls", "mean"], help="'' = the pooling the head was trained with")
 parser.add_argument("--freeze_blocks", type=int, default=-1, help="frozen lower blocks; -1 = depth // 2")
 parser.add_argument("--layer_decay", type=float, default=0.65, help="block b of depth d: lr x layer_decay^(d - b)")
@@ -364,10 +365,10 @@ def nnclr_step(z, p, idx, labels, queue, temperature, topk=1, generator=None):
     return loss * world, loss.detach(), acc  # tensors: the loop reads them at log steps (no sync per step)
 
 
-def build_encoder(path, img_size=0):
+def build_encoder(path, img_size=0, heads=0):
     """The frozen encoder from any encoder checkpoint (this project's mae.pt / ct.pt (its EMA encoder),
     facebookresearch/mae, MAE-CT releases) -> (ViT, model_args). img_size: another resolution
-    (the fixed sin-cos position embedding is recomputed)."""
+    (the fixed sin-cos position embedding is recomputed). heads: a foreign file's, where its width does not tell."""
     ckpt = vit.load_checkpoint(path)
     if ckpt.get("stage", "mae") not in ("mae", "ct"):
         raise ValueError(f"--init {path} is a {ckpt['stage']} checkpoint; --init takes an encoder checkpoint "
@@ -375,7 +376,7 @@ def build_encoder(path, img_size=0):
     sd, model_args, note = vit.encoder_state(ckpt, path)
     if note and int(os.environ.get("RANK", 0)) == 0:
         print(note, file=sys.stderr)
-    model_args = model_args or vit.infer_model_args(sd, path)
+    model_args = model_args or vit.infer_model_args(sd, path, heads or None)
     if img_size and img_size != model_args["img_size"]:
         model_args = dict(model_args, img_size=img_size)
         sd["pos_embed"] = vit.sincos_pos_embed(model_args["dim"], img_size // model_args["patch_size"]).unsqueeze(0)
@@ -510,7 +511,7 @@ def main(args):
             if head_ckpt.get("stage") != "nnclr_head":
                 found = f"a {head_ckpt['stage']} checkpoint" if "stage" in head_ckpt else "not a maect checkpoint"
                 raise ValueError(f"--head {args.head} is {found}; --head takes the head.pt written by nnclr_head.py")
-            encoder, model_args = build_encoder(args.init, args.img_size or head_ckpt["model_args"]["img_size"])
+            encoder, model_args = build_encoder(args.init, args.img_size or head_ckpt["model_args"]["img_size"], args.heads)
             arch = lambda a: {k: v for k, v in a.items() if k != "img_size"}  # noqa: E731
             if arch(model_args) != arch(head_ckpt["model_args"]):
                 raise ValueError(f"--init {args.init} is a {arch(model_args)} encoder, the head in {args.head} was "

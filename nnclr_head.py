@@ -43,6 +43,7 @@ parser.add_argument("--out_dir", default="out/head")
 parser.add_argument("--init", default="", help="the encoder: mae.pt, ct.pt, a facebookresearch/mae or MAE-CT release")
 parser.add_argument("--resume", default="", help="a checkpoint to continue, or 'auto' for the newest in out_dir")
 parser.add_argument("--img_size", type=int, default=0, help="0 = the encoder's")
+parser.add_argument("--heads", type=int, default=0, help="attention heads of a foreign --init whose width is not 192/384/768/1024/1280 (0: from the width)")
 parser.add_argument("--pool", default="mean", choices=["cls", "mean"], help="authors: mean for B/16 MAE-CT, else cls")
 parser.add_argument("--proj_hidden", type=int, default=2048)
 parser.add_argument("--proj_dim", type=int, default=256)
@@ -361,10 +362,10 @@ def nnclr_step(z, p, idx, labels, queue, temperature, topk=1, generator=None):
     return loss * world, loss.detach(), acc  # tensors: the loop reads them at log steps (no sync per step)
 
 
-def build_encoder(path, img_size=0):
+def build_encoder(path, img_size=0, heads=0):
     """The frozen encoder from any encoder checkpoint (this project's mae.pt / ct.pt (its EMA encoder),
     facebookresearch/mae, MAE-CT releases) -> (ViT, model_args). img_size: another resolution
-    (the fixed sin-cos position embedding is recomputed)."""
+    (the fixed sin-cos position embedding is recomputed). heads: a foreign file's, where its width does not tell."""
     ckpt = vit.load_checkpoint(path)
     if ckpt.get("stage", "mae") not in ("mae", "ct"):
         raise ValueError(f"--init {path} is a {ckpt['stage']} checkpoint; --init takes an encoder checkpoint "
@@ -372,7 +373,7 @@ def build_encoder(path, img_size=0):
     sd, model_args, note = vit.encoder_state(ckpt, path)
     if note and int(os.environ.get("RANK", 0)) == 0:
         print(note, file=sys.stderr)
-    model_args = model_args or vit.infer_model_args(sd, path)
+    model_args = model_args or vit.infer_model_args(sd, path, heads or None)
     if img_size and img_size != model_args["img_size"]:
         model_args = dict(model_args, img_size=img_size)
         sd["pos_embed"] = vit.sincos_pos_embed(model_args["dim"], img_size // model_args["patch_size"]).unsqueeze(0)
@@ -451,7 +452,8 @@ def main(args):
         init = args.init or (ckpt["encoder_init"] if ckpt is not None else "")
         if not init:
             raise ValueError("--init (the encoder checkpoint, e.g. mae.pt) is required")
-        encoder, model_args = build_encoder(init, ckpt["model_args"]["img_size"] if ckpt is not None else args.img_size)
+        size = ckpt["model_args"] if ckpt is not None else dict(img_size=args.img_size, heads=args.heads)
+        encoder, model_args = build_encoder(init, size["img_size"], size["heads"])
         if ckpt is not None and model_args != ckpt["model_args"]:
             raise ValueError(f"{init} holds a {model_args} encoder, the resumed head was trained on {ckpt['model_args']}")
         pool = ckpt["pool"] if ckpt is not None else args.pool

@@ -54,6 +54,7 @@ parser.add_argument("--which", default="ema", choices=["ema", "online"], help="w
 parser.add_argument("--resume", default="", help="a checkpoint to continue, or 'auto' for the newest in out_dir")
 parser.add_argument("--pool", default="cls", choices=["cls", "mean"], help="CLS token or mean of the patch tokens (authors: mean for B/16 MAE-CT)")
 parser.add_argument("--img_size", type=int, default=0, help="0 = the encoder's own")
+parser.add_argument("--heads", type=int, default=0, help="attention heads of a foreign --init whose width is not 192/384/768/1024/1280 (0: from the width)")
 parser.add_argument("--crop_pct", type=float, default=0.875, help="eval: centre crop = shorter side x crop_pct, resized to img_size (1.0: whole image, e.g. CIFAR)")
 parser.add_argument("--epochs", type=int, default=50)
 parser.add_argument("--warmup_epochs", type=float, default=-1, help="-1 = 10%% of --epochs")
@@ -436,7 +437,7 @@ def main(args):
 
     # encoder and data: every check before any feature is extracted
     try:
-        encoder = vit.load_encoder(args.init, args.which, args.img_size or None, verbose=master_process)
+        encoder = vit.load_encoder(args.init, args.which, args.img_size or None, master_process, args.heads or None)
     except (ValueError, FileNotFoundError, KeyError) as e:
         fail(str(e))
     model_args, D = encoder.args, encoder.args["dim"]
