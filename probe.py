@@ -59,8 +59,8 @@ parser.add_argument("--crop_pct", type=float, default=0.875, help="eval: centre 
 parser.add_argument("--epochs", type=int, default=50)
 parser.add_argument("--warmup_epochs", type=float, default=-1, help="-1 = 10%% of --epochs")
 parser.add_argument("--batch_size", type=int, default=1024, help="images per optimizer step, over all processes")
-parser.add_argument("--blrs", type=float, nargs="+", default=[0.1, 0.075, 0.05, 0.03, 0.02, 0.01],
-                    help="one head per base lr, trained at once; lr = blr * batch_size / 256")
+parser.add_argument("--blrs", type=float, nargs="+", default=[0.1, 0.09, 0.08, 0.07, 0.06, 0.05, 0.04, 0.03, 0.02, 0.01],
+                    help="one head per base lr, trained at once (default: the authors' ten); lr = blr * batch_size / 256")
 parser.add_argument("--min_lr", type=float, default=0.0)
 parser.add_argument("--weight_decay", type=float, default=0.0)
 parser.add_argument("--eval_every", type=int, default=1, help="epochs between val evaluations (and at the end)")
@@ -303,22 +303,23 @@ def extract_features(encoder, dataset, how, dim, batch_size, ddp_rank, ddp_world
 # the heads
 
 def make_head(dim, classes):
-    """One probe head; probe.pt's "head" is this module's state dict."""
-    return nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, classes))
+    """One probe head; probe.pt's "head" is this module's state dict. BatchNorm eps: torch's 1e-5, the authors'."""
+    return nn.Sequential(nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, classes))
 
 
 class LinearHeads(nn.Module):
     """n probe heads on the same features. The BatchNorm1d(affine=False) has no parameters, so its
     batch statistics and running averages are the same for every head: one is shared. Each head is a
     Linear(D, C) of its own (its own optimizer group and lr), and all start from the same weights
-    (trunc-normal std 0.01 cut at 2 std, bias 0, drawn from `seed`): head i trained here is head i
+    (normal std 0.01 truncated at +-2, absolute: in effect not truncated, as the authors' and
+    facebookresearch/mae's trunc_normal_ calls; bias 0; drawn from `seed`): head i trained here is head i
     trained alone, bit for bit."""
 
     def __init__(self, dim, classes, n, seed=0):
         super().__init__()
-        self.norm = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
+        self.norm = nn.BatchNorm1d(dim, affine=False)
         self.linears = nn.ModuleList(nn.Linear(dim, classes) for _ in range(n))
-        w = nn.init.trunc_normal_(torch.empty(classes, dim), std=0.01, a=-0.02, b=0.02,
+        w = nn.init.trunc_normal_(torch.empty(classes, dim), std=0.01, a=-2.0, b=2.0,
                                   generator=torch.Generator().manual_seed(seed))
         for lin in self.linears:
             lin.weight.data.copy_(w)
