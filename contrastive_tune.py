@@ -43,7 +43,8 @@ parser.add_argument("--init", default="", help="the encoder: mae.pt, a facebookr
 parser.add_argument("--head", default="", help="head.pt of nnclr_head.py (projector, predictor, filled queue)")
 parser.add_argument("--resume", default="", help="a checkpoint to continue, or 'auto' for the newest in out_dir")
 parser.add_argument("--img_size", type=int, default=0, help="0 = the head's (= its encoder's)")
-parser.add_argument("--heads", type=int, default=0, help="attention heads of a foreign --init whose width is not 192/384/768/1024/1280 (0: from the width)")
+parser.add_argument("--heads", type=int, default=0,
+                    help="attention heads of a foreign --init whose width is not 192/384/768/1024/1280 (0: from the width)")
 parser.add_argument("--pool", default="", choices=["", "cls", "mean"], help="'' = the pooling the head was trained with")
 parser.add_argument("--freeze_blocks", type=int, default=-1, help="frozen lower blocks; -1 = depth // 2")
 parser.add_argument("--layer_decay", type=float, default=0.65, help="block b of depth d: lr x layer_decay^(d - b)")

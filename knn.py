@@ -37,7 +37,8 @@ parser.add_argument("--init", required=True, help="encoder checkpoint: this proj
 parser.add_argument("--which", default="ema", choices=["ema", "online"], help="which encoder of a contrastive-tuning checkpoint")
 parser.add_argument("--pool", default="cls", choices=["cls", "mean"], help="CLS token or mean of the patch tokens (authors: mean for B/16 MAE-CT)")
 parser.add_argument("--img_size", type=int, default=0, help="0 = the encoder's own")
-parser.add_argument("--heads", type=int, default=0, help="attention heads of a foreign --init whose width is not 192/384/768/1024/1280 (0: from the width)")
+parser.add_argument("--heads", type=int, default=0,
+                    help="attention heads of a foreign --init whose width is not 192/384/768/1024/1280 (0: from the width)")
 parser.add_argument("--crop_pct", type=float, default=0.875, help="centre crop = shorter side x crop_pct, resized to img_size (1.0: whole image, e.g. CIFAR)")
 parser.add_argument("--k", type=int, nargs="+", default=[10, 20], help="neighbour counts, all computed at once (MAE-CT: 10, DINO: 20)")
 parser.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(sim / T)")

@@ -60,7 +60,8 @@ parser.add_argument("--resume", default="", help="a checkpoint to continue, or '
 parser.add_argument("--pool", default=None, choices=["cls", "mean"],
                     help="CLS token (default) or mean of the patch tokens (authors: mean for B/16 MAE-CT); --eval_head: the file's")
 parser.add_argument("--img_size", type=int, default=0, help="0 = the encoder's own")
-parser.add_argument("--heads", type=int, default=0, help="attention heads of a foreign --init whose width is not 192/384/768/1024/1280 (0: from the width)")
+parser.add_argument("--heads", type=int, default=0,
+                    help="attention heads of a foreign --init whose width is not 192/384/768/1024/1280 (0: from the width)")
 parser.add_argument("--crop_pct", type=float, default=0.875, help="eval: centre crop = shorter side x crop_pct, resized to img_size (1.0: whole image, e.g. CIFAR)")
 parser.add_argument("--epochs", type=int, default=50)
 parser.add_argument("--warmup_epochs", type=float, default=-1, help="-1 = 10%% of --epochs")
@@ -353,7 +354,8 @@ def read_head(path, dim, pool=None):
     ckpt = vit.load_checkpoint(path)
     if "stage" in ckpt:  # this project's file
         if ckpt["stage"] != "probe" or ckpt.get("head") is None:
-            found = f"a {ckpt['stage']} checkpoint" if ckpt["stage"] != "probe" else "a probe.pt without a head (no evaluation ran)"
+            found = "a probe.pt of a run that never evaluated" if ckpt["stage"] == "probe" else \
+                f"a {ckpt['stage']} checkpoint"
             raise ValueError(f"--eval_head {path}: expected a trained probe head, found {found}")
         sd, file_pool, layout = dict(ckpt["head"]), ckpt["pool"], "probe.pt"
     else:  # the authors' keys -> make_head's ("0." BatchNorm, "1." Linear)
@@ -369,10 +371,12 @@ def read_head(path, dim, pool=None):
             raise ValueError(f"--eval_head {path}: norm.* is not the same BatchNorm as {bn}.*")
         keys = list(sd)
         other = [k for k in keys if k not in alias and not k.startswith((bn + ".", lin + "."))]
-        sd = {("0." if k.startswith(bn) else "1.") + k.split(".", 2)[2]: v for k, v in sd.items() if k.startswith((bn + ".", lin + "."))}
+        sd = {("0." if k.startswith(bn) else "1.") + k.split(".", 2)[2]: v for k, v in sd.items()
+              if k.startswith((bn + ".", lin + "."))}
         if other or not {"0.running_mean", "0.running_var", "1.weight", "1.bias"} <= set(sd):
             raise ValueError(f"--eval_head {path} is no probe head: expected probe.pt, or layer.1.running_mean/_var + "
-                             f"layer.2.weight/.bias (older files: layer.2 / layer.3), found keys {', '.join((other or keys)[:8])}")
+                             f"layer.2.weight/.bias (older files: layer.2 / layer.3), found keys "
+                             f"{', '.join((other or keys)[:8])}")
     C, width = sd["1.weight"].shape if sd["1.weight"].ndim == 2 else (0, 0)
     shapes = {k: tuple(sd[k].shape) for k in ("0.running_mean", "0.running_var", "1.weight", "1.bias")}
     if shapes != {"0.running_mean": (width,), "0.running_var": (width,), "1.weight": (C, width), "1.bias": (C,)}:
@@ -476,7 +480,7 @@ def main(args):
     if args.train_list and args.per_class:
         fail("--train_list and --per_class both pick the labelled images; choose one")
     if args.eval_head and (args.logreg or args.cached or args.resume or args.train_list or args.per_class):
-        fail("--eval_head evaluates a trained head: --logreg, --cached, --resume, --train_list and --per_class train one")
+        fail("--eval_head evaluates a trained head; --logreg, --cached, --resume, --train_list, --per_class train one")
     if min(args.blrs) <= 0 or args.eval_every < 1 or args.lambd <= 0 or args.per_class < 0 or not 0 < args.crop_pct <= 1 \
             or (args.epochs < 1 and args.max_iters < 1):
         fail("--blrs, --eval_every, --lambd and --epochs (or --max_iters) must be positive, --per_class >= 0, --crop_pct in (0, 1]")
@@ -500,7 +504,7 @@ def main(args):
     splits = ("val",) if args.eval_head else ("train", "val")  # --eval_head trains nothing
     for split in splits:
         if not os.path.isdir(os.path.join(args.data_path, split)):
-            fail(f"missing split folder {os.path.join(args.data_path, split)} (expected {' and '.join(s + '/' for s in splits)})")
+            fail(f"missing split folder {os.path.join(args.data_path, split)} (expected {'/ and '.join(splits)}/)")
     augment = not args.cached and not args.logreg and bool(args.train_aug)
     val_set = ImageFolder(os.path.join(args.data_path, "val"), img_size, False, args.crop_pct, args.seed,
                           args.skip_bad_images, resize=not use_cuda)
