@@ -263,8 +263,10 @@ def test_foreign_file_of_another_width_needs_heads(tmp_path):
 
 
 @pytest.mark.parametrize("script", ["knn.py", "probe.py", "nnclr_head.py", "contrastive_tune.py"])
-def test_scripts_take_heads_for_foreign_widths(tmp_path, script):
-    """Every script that reads a foreign --init refuses a width-96 file in one line and takes --heads."""
+def test_scripts_take_heads_for_foreign_widths(tmp_path, script, capsys, monkeypatch):
+    """Every script that reads a foreign --init refuses a width-96 file in one line and takes --heads
+    (knn.py and probe.py as subprocesses, run to the end with it; the training stages in this process)."""
+    import signal
     from conftest import make_image_folder, run_script
     data = make_image_folder(tmp_path / "data", per_class=2, val_per_class=2)
     torch.manual_seed(0)
@@ -274,14 +276,22 @@ def test_scripts_take_heads_for_foreign_widths(tmp_path, script):
                      encoder_init=path), tmp_path, "head.pt")  # only read after the encoder
     argv = [script, "--data_path", data, "--init", path, "--out_dir", str(tmp_path / "o"), "--num_workers", "0",
             "--device", "cpu", *(["--head", head] if script == "contrastive_tune.py" else [])]
-    p = run_script(*argv, check=False)
-    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith(f"error: {path}: width 96 is none of")
-    assert "--heads" in p.stderr.strip().splitlines()[-1]
+    if script in ("knn.py", "probe.py"):
+        p = run_script(*argv, check=False)
+        code, err = p.returncode, p.stderr
+    else:
+        mod = __import__(script[:-3])
+        monkeypatch.setattr(signal, "signal", lambda *a: None)  # keep pytest's handlers
+        with pytest.raises(SystemExit) as e:
+            mod.main(mod.parser.parse_args(argv[1:]))
+        code, err = e.value.code, capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith(f"error: {path}: width 96 is none of") and "--heads" in last
     if script in ("knn.py", "probe.py"):  # with --heads, to the end
         extra = ["--k", "2"] if script == "knn.py" else ["--cached", "1", "--batch_size", "2", "--epochs", "1"]
         assert "top-1" in run_script(*argv, "--crop_pct", "1", "--heads", "3", *extra).stdout
     else:  # the training stages' encoder builder, with the head count
-        enc = __import__(script[:-3]).build_encoder(path, 0, 3)[0]
+        enc = mod.build_encoder(path, 0, 3)[0]
         imgs = torch.randn(1, 3, 32, 32)
         assert enc.args == m.args and torch.equal(enc.eval()(imgs), m.eval()(imgs))
 
