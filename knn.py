@@ -41,10 +41,12 @@ parser.add_argument("--init", required=True, help="encoder checkpoint: this proj
 parser.add_argument("--which", default="ema", choices=["ema", "online"], help="which encoder of a contrastive-tuning checkpoint")
 parser.add_argument("--pool", default="cls", choices=["cls", "mean"], help="CLS token or mean of the patch tokens (authors: mean for B/16 MAE-CT)")
 parser.add_argument("--img_size", type=int, default=0, help="0 = the encoder's own")
+parser.add_argument("--heads", type=int, default=0,
+                    help="attention heads of a foreign --init whose width is not 192/384/768/1024/1280 (0: from the width)")
 parser.add_argument("--crop_pct", type=float, default=0.875, help="centre crop = shorter side x crop_pct, resized to img_size (1.0: whole image, e.g. CIFAR)")
 parser.add_argument("--k", type=int, nargs="+", default=[10, 20], help="neighbour counts, all computed at once (MAE-CT: 10, DINO: 20)")
 parser.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(sim / T)")
-parser.add_argument("--standardize", type=int, default=0, help="1: standardise features with the bank's mean / std before L2-normalising")
+parser.add_argument("--standardize", type=int, default=0, help="1: (x - mean) / (std + 1e-5) with the bank's mean / unbiased std, before L2-normalising")
 parser.add_argument("--chunk", type=int, default=1024, help="queries per similarity block (memory: chunk x bank x 4 bytes)")
 parser.add_argument("--batch_size", type=int, default=256, help="images per feature-extraction step, over all processes")
 parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
@@ -209,10 +211,10 @@ def extract_features(encoder, dataset, how, dim, batch_size, ddp_rank, ddp_world
 # k-NN
 
 def prepare_features(bank, queries, standardize=False):
-    """Optionally standardise both with the bank's per-dimension mean and (population) std, then
-    L2-normalise every row, so that a dot product is the cosine similarity."""
+    """Optionally standardise both with the bank's per-dimension mean and std, (x - mean) / (unbiased std
+    + 1e-5) as the authors' code does, then L2-normalise every row: a dot product is the cosine similarity."""
     if standardize:
-        mean, std = bank.mean(0), bank.std(0, correction=0).clamp_min(1e-12)
+        mean, std = bank.mean(0), bank.std(0) + 1e-5
         bank, queries = (bank - mean) / std, (queries - mean) / std
     return F.normalize(bank, dim=1), F.normalize(queries, dim=1)
 
@@ -290,7 +292,7 @@ def lock_out_dir(out_dir):
 def main(args):
     check_flags(args, [  # every flag's range, before anything runs: (flags, wanted, test)
         ("k batch_size chunk", ">= 1", lambda v: v >= 1),
-        ("num_workers img_size", ">= 0", lambda v: v >= 0),
+        ("num_workers img_size heads", ">= 0", lambda v: v >= 0),
         ("temperature", "> 0", lambda v: v > 0),
         ("crop_pct", "in (0, 1]", lambda v: 0 < v <= 1),
         ("standardize compile skip_bad_images", "0 or 1", lambda v: v in (0, 1)),
@@ -320,7 +322,7 @@ def main(args):
 
     # encoder and data: every check before any feature is extracted
     try:
-        encoder = vit.load_encoder(args.init, args.which, args.img_size or None, verbose=master_process)
+        encoder = vit.load_encoder(args.init, args.which, args.img_size or None, master_process, args.heads or None)
     except (ValueError, FileNotFoundError, KeyError) as e:
         fail(str(e))
     model_args = encoder.args

@@ -315,9 +315,10 @@ def split_state(sd):  # full MAE state dict -> (encoder keys, decoder keys)
 # small helpers shared in shape by every stage script
 
 def get_lr(it, lr, min_lr, warmup_iters, max_iters):
-    """Linear warmup from 0, then cosine to min_lr; per optimizer step."""
+    """Per optimizer step: linear warmup, lr * (it + 1) / (warmup_iters + 1) at step it < warmup_iters (the
+    authors' schedule: the first step does not run at lr 0), then cosine from lr at warmup_iters to min_lr."""
     if it < warmup_iters:
-        return lr * it / warmup_iters
+        return lr * (it + 1) / (warmup_iters + 1)
     progress = min(1.0, (it - warmup_iters) / max(1, max_iters - warmup_iters))
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 

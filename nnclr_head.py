@@ -47,6 +47,8 @@ parser.add_argument("--out_dir", default="out/head")
 parser.add_argument("--init", default="", help="the encoder: mae.pt, ct.pt, a facebookresearch/mae or MAE-CT release")
 parser.add_argument("--resume", default="", help="a checkpoint to continue, or 'auto' for the newest in out_dir")
 parser.add_argument("--img_size", type=int, default=0, help="0 = the encoder's")
+parser.add_argument("--heads", type=int, default=0,
+                    help="attention heads of a foreign --init whose width is not 192/384/768/1024/1280 (0: from the width)")
 parser.add_argument("--pool", default="mean", choices=["cls", "mean"], help="authors: mean for B/16 MAE-CT, else cls")
 parser.add_argument("--proj_hidden", type=int, default=2048)
 parser.add_argument("--proj_dim", type=int, default=256)
@@ -300,7 +302,7 @@ class NNCLRHead(nn.Module):
         self.predictor = nn.Sequential(
             nn.Linear(proj_dim, pred_hidden, bias=False), nn.BatchNorm1d(pred_hidden), nn.ReLU(inplace=True),
             nn.Linear(pred_hidden, proj_dim, bias=False))
-        vit.init_weights(self)
+        # torch's default init (Linear: kaiming-uniform, bound 1/sqrt(fan_in)), as in the authors' code: no xavier
 
     def forward(self, x):
         """x (V, B, in_dim) pooled features of V views -> projections z, predictions p, both
@@ -383,23 +385,23 @@ def nnclr_step(z, p, idx, labels, queue, temperature, topk=1, generator=None):
     loss of all of it; p's gradient reaches only the local slot, so the ranks' gradients sum to
     the full gradient, and DDP averages them: the loss to call backward on is x world_size (the
     same gradient as an all-gather whose backward all-reduces). The queue gets view 0 after the
-    loss. -> (loss for backward, loss value, nearest-neighbour accuracy over both views)"""
+    loss. -> (loss for backward, loss value, nearest-neighbour accuracy of view 0, as the authors log it)"""
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     z_all = all_gather(z.detach(), dim=1)  # (2, B, P)
     p_all = all_gather(p, dim=1, grad=True)  # (2, B, P)
     idx_all, labels_all = all_gather(idx), all_gather(labels)  # (B,)
     nn0, nn0_labels = queue.lookup(z_all[0], idx_all, topk, generator)
-    nn1, nn1_labels = queue.lookup(z_all[1], idx_all, topk, generator)
+    nn1, _ = queue.lookup(z_all[1], idx_all, topk, generator)
     loss = nnclr_loss(nn0, nn1, p_all[0], p_all[1], temperature)
     queue.push(z_all[0], idx_all, labels_all)
-    acc = 0.5 * ((nn0_labels == labels_all).float().mean() + (nn1_labels == labels_all).float().mean())
+    acc = (nn0_labels == labels_all).float().mean()
     return loss * world, loss.detach(), acc  # tensors: the loop reads them at log steps (no sync per step)
 
 
-def build_encoder(path, img_size=0):
+def build_encoder(path, img_size=0, heads=0):
     """The frozen encoder from any encoder checkpoint (this project's mae.pt / ct.pt (its EMA encoder),
     facebookresearch/mae, MAE-CT releases) -> (ViT, model_args). img_size: another resolution
-    (the fixed sin-cos position embedding is recomputed)."""
+    (the fixed sin-cos position embedding is recomputed). heads: a foreign file's, where its width does not tell."""
     ckpt = vit.load_checkpoint(path)
     if ckpt.get("stage", "mae") not in ("mae", "ct"):
         raise ValueError(f"--init {path} is a {ckpt['stage']} checkpoint; --init takes an encoder checkpoint "
@@ -407,7 +409,7 @@ def build_encoder(path, img_size=0):
     sd, model_args, note = vit.encoder_state(ckpt, path)
     if note and int(os.environ.get("RANK", 0)) == 0:
         print(note, file=sys.stderr)
-    model_args = model_args or vit.infer_model_args(sd, path)
+    model_args = model_args or vit.infer_model_args(sd, path, heads or None)
     if img_size and img_size != model_args["img_size"]:
         model_args = dict(model_args, img_size=img_size)
         sd["pos_embed"] = vit.sincos_pos_embed(model_args["dim"], img_size // model_args["patch_size"]).unsqueeze(0)
@@ -426,9 +428,10 @@ def ignore_stop_signals(worker_id):
 # small helpers shared in shape by every stage script
 
 def get_lr(it, lr, min_lr, warmup_iters, max_iters):
-    """Linear warmup from 0, then cosine to min_lr; per optimizer step."""
+    """Per optimizer step: linear warmup, lr * (it + 1) / (warmup_iters + 1) at step it < warmup_iters (the
+    authors' schedule: the first step does not run at lr 0), then cosine from lr at warmup_iters to min_lr."""
     if it < warmup_iters:
-        return lr * it / warmup_iters
+        return lr * (it + 1) / (warmup_iters + 1)
     progress = min(1.0, (it - warmup_iters) / max(1, max_iters - warmup_iters))
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
@@ -483,7 +486,7 @@ def main(args):
     check_flags(args, [  # every flag's range, before anything runs: (flags, wanted, test)
         ("epochs batch_size grad_accum log_interval ckpt_interval", ">= 1", lambda v: v >= 1),
         ("queue_size proj_hidden proj_dim pred_hidden", ">= 1", lambda v: v >= 1),
-        ("max_iters num_workers keep_last img_size blr min_lr weight_decay", ">= 0", lambda v: v >= 0),
+        ("max_iters num_workers keep_last img_size blr min_lr weight_decay heads", ">= 0", lambda v: v >= 0),
         ("warmup_epochs", "-1 or >= 0", lambda v: v == -1 or v >= 0),
         ("temperature", "> 0", lambda v: v > 0),
         ("aug compile skip_bad_images", "0 or 1", lambda v: v in (0, 1)),
@@ -526,7 +529,8 @@ def main(args):
         init = args.init or (ckpt["encoder_init"] if ckpt is not None else "")
         if not init:
             raise ValueError("--init (the encoder checkpoint, e.g. mae.pt) is required")
-        encoder, model_args = build_encoder(init, ckpt["model_args"]["img_size"] if ckpt is not None else args.img_size)
+        size = ckpt["model_args"] if ckpt is not None else dict(img_size=args.img_size, heads=args.heads)
+        encoder, model_args = build_encoder(init, size["img_size"], size["heads"])
         if ckpt is not None and model_args != ckpt["model_args"]:
             raise ValueError(f"{init} holds a {model_args} encoder, the resumed head was trained on {ckpt['model_args']}")
         pool = ckpt["pool"] if ckpt is not None else args.pool

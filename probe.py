@@ -8,6 +8,8 @@ Linear probing of a frozen encoder (MAE / MAE-CT protocol) and MSN's low-shot lo
                        same heads on those features: many epochs in seconds (small budgets, low-shot).
   --logreg 1           multinomial logistic regression (L2 penalty, no intercept, L-BFGS in float64)
                        on centred, L2-normalised features of the labelled images (MSN's low-shot protocol).
+  --eval_head FILE     no training: top-1 / top-5 on val of a trained head, this project's probe.pt or an
+                       MAE-CT release (probes/<name>.th), with its pooling; DATA needs only val/.
 --train_list FILE / --per_class N pick the labelled train images in every mode. Val images are
 centre-cropped (--crop_pct); reported is the best val top-1 over heads and evaluations.
 
@@ -18,10 +20,13 @@ process takes the same head step, so the result does not depend on the number of
     torchrun --nproc_per_node 8 probe.py --data_path DATA --init ct.pt
 Low-shot:
     python probe.py --data_path DATA --init ct.pt --logreg 1 --train_list lists/5shot_s0.txt
+A released encoder and its probe:
+    python probe.py --data_path IMAGENET --init maect_base16.th --eval_head probes/maect_base16.th
 
 --init takes any checkpoint vit.load_encoder reads (this project's mae.pt / ct.pt with --which,
 facebookresearch/mae's, the MAE-CT releases). Writes out_dir/probe.pt (the best head, and the state
-to resume), periodic out_dir/ckpt_*.pt, out_dir/log.txt (JSON lines); --logreg writes out_dir/logreg.pt.
+to resume), periodic out_dir/ckpt_*.pt, out_dir/log.txt (JSON lines); --logreg writes out_dir/logreg.pt,
+--eval_head only a line to out_dir/log.txt.
 """
 import argparse
 import atexit
@@ -56,14 +61,17 @@ parser.add_argument("--out_dir", default="out/probe")
 parser.add_argument("--init", required=True, help="encoder checkpoint: this project's mae.pt / ct.pt, facebookresearch/mae's, MAE-CT's")
 parser.add_argument("--which", default="ema", choices=["ema", "online"], help="which encoder of a contrastive-tuning checkpoint")
 parser.add_argument("--resume", default="", help="a checkpoint to continue, or 'auto' for the newest in out_dir")
-parser.add_argument("--pool", default="cls", choices=["cls", "mean"], help="CLS token or mean of the patch tokens (authors: mean for B/16 MAE-CT)")
+parser.add_argument("--pool", default=None, choices=["cls", "mean"],
+                    help="CLS token (default) or mean of the patch tokens (authors: mean for B/16 MAE-CT); --eval_head: the file's")
 parser.add_argument("--img_size", type=int, default=0, help="0 = the encoder's own")
+parser.add_argument("--heads", type=int, default=0,
+                    help="attention heads of a foreign --init whose width is not 192/384/768/1024/1280 (0: from the width)")
 parser.add_argument("--crop_pct", type=float, default=0.875, help="eval: centre crop = shorter side x crop_pct, resized to img_size (1.0: whole image, e.g. CIFAR)")
 parser.add_argument("--epochs", type=int, default=50)
 parser.add_argument("--warmup_epochs", type=float, default=-1, help="-1 = 10%% of --epochs")
 parser.add_argument("--batch_size", type=int, default=1024, help="images per optimizer step, over all processes")
-parser.add_argument("--blrs", type=float, nargs="+", default=[0.1, 0.075, 0.05, 0.03, 0.02, 0.01],
-                    help="one head per base lr, trained at once; lr = blr * batch_size / 256")
+parser.add_argument("--blrs", type=float, nargs="+", default=[0.1, 0.09, 0.08, 0.07, 0.06, 0.05, 0.04, 0.03, 0.02, 0.01],
+                    help="one head per base lr, trained at once (default: the authors' ten); lr = blr * batch_size / 256")
 parser.add_argument("--min_lr", type=float, default=0.0)
 parser.add_argument("--weight_decay", type=float, default=0.0)
 parser.add_argument("--eval_every", type=int, default=1, help="epochs between val evaluations (and at the end)")
@@ -85,6 +93,8 @@ parser.add_argument("--ckpt_interval", type=int, default=1000, help="iterations 
 parser.add_argument("--keep_last", type=int, default=2, help="periodic checkpoints kept (0 = all)")
 parser.add_argument("--skip_bad_images", type=int, default=0, help="1: log unreadable images and use another")
 parser.add_argument("--max_iters", type=int, default=0, help="stop after this many iterations (0 = epochs)")
+parser.add_argument("--eval_head", default="", help="evaluate this trained head (probe.pt, or an MAE-CT release's probes/<name>.th) "
+                    "on val, no training: DATA needs only val/")
 
 # flags a resumed run must share with the checkpoint it continues
 RESUME_FLAGS = ("init", "which", "pool", "img_size", "crop_pct", "batch_size", "blrs", "cached", "train_aug",
@@ -337,22 +347,23 @@ def extract_features(encoder, dataset, how, dim, batch_size, ddp_rank, ddp_world
 # the heads
 
 def make_head(dim, classes):
-    """One probe head; probe.pt's "head" is this module's state dict."""
-    return nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, classes))
+    """One probe head; probe.pt's "head" is this module's state dict. BatchNorm eps: torch's 1e-5, the authors'."""
+    return nn.Sequential(nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, classes))
 
 
 class LinearHeads(nn.Module):
     """n probe heads on the same features. The BatchNorm1d(affine=False) has no parameters, so its
     batch statistics and running averages are the same for every head: one is shared. Each head is a
     Linear(D, C) of its own (its own optimizer group and lr), and all start from the same weights
-    (trunc-normal std 0.01 cut at 2 std, bias 0, drawn from `seed`): head i trained here is head i
+    (normal std 0.01 truncated at +-2, absolute: in effect not truncated, as the authors' and
+    facebookresearch/mae's trunc_normal_ calls; bias 0; drawn from `seed`): head i trained here is head i
     trained alone, bit for bit."""
 
     def __init__(self, dim, classes, n, seed=0):
         super().__init__()
-        self.norm = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
+        self.norm = nn.BatchNorm1d(dim, affine=False)
         self.linears = nn.ModuleList(nn.Linear(dim, classes) for _ in range(n))
-        w = nn.init.trunc_normal_(torch.empty(classes, dim), std=0.01, a=-0.02, b=0.02,
+        w = nn.init.trunc_normal_(torch.empty(classes, dim), std=0.01, a=-2.0, b=2.0,
                                   generator=torch.Generator().manual_seed(seed))
         for lin in self.linears:
             lin.weight.data.copy_(w)
@@ -367,6 +378,51 @@ class LinearHeads(nn.Module):
         h[0].load_state_dict(self.norm.state_dict())
         h[1].load_state_dict(self.linears[i].state_dict())
         return h
+
+
+def read_head(path, dim, pool=None):
+    """A trained head to evaluate: this project's probe.pt, or an MAE-CT release (probes/<name>.th:
+    {"state_dict": ..., "ctor_kwargs": {"pooling": {"kind": "mean_patch" | "class_token"}, ...}}, the
+    BatchNorm at layer.1 and the Linear at layer.2, in older files layer.2 and layer.3; the BatchNorm also
+    as norm.*, the same tensors). -> (make_head module in eval mode, pooling: `pool` or else the file's,
+    the layout found). Anything else raises one line naming what was expected and found."""
+    ckpt = vit.load_checkpoint(path)
+    if "stage" in ckpt:  # this project's file
+        if ckpt["stage"] != "probe" or ckpt.get("head") is None:
+            found = "a probe.pt of a run that never evaluated" if ckpt["stage"] == "probe" else \
+                f"a {ckpt['stage']} checkpoint"
+            raise ValueError(f"--eval_head {path}: expected a trained probe head, found {found}")
+        sd, file_pool, layout = dict(ckpt["head"]), ckpt["pool"], "probe.pt"
+    else:  # the authors' keys -> make_head's ("0." BatchNorm, "1." Linear)
+        sd = ckpt["state_dict"] if isinstance(ckpt.get("state_dict"), dict) else ckpt
+        kind = ((ckpt.get("ctor_kwargs") or {}).get("pooling") or {}).get("kind")
+        if kind not in (None, "mean_patch", "class_token"):
+            raise ValueError(f"--eval_head {path}: pooling kind {kind!r}, expected mean_patch or class_token")
+        file_pool = {"mean_patch": "mean", "class_token": "cls"}.get(kind)
+        bn, lin = ("layer.1", "layer.2") if "layer.1.running_mean" in sd else ("layer.2", "layer.3")
+        layout = f"MAE-CT release: BatchNorm {bn}, Linear {lin}"
+        alias = [k for k in sd if k in ("norm.running_mean", "norm.running_var", "norm.num_batches_tracked")]
+        if any(not torch.equal(sd[k], sd.get(f"{bn}.{k[5:]}", torch.empty(0))) for k in alias):
+            raise ValueError(f"--eval_head {path}: norm.* is not the same BatchNorm as {bn}.*")
+        keys = list(sd)
+        other = [k for k in keys if k not in alias and not k.startswith((bn + ".", lin + "."))]
+        sd = {("0." if k.startswith(bn) else "1.") + k.split(".", 2)[2]: v for k, v in sd.items()
+              if k.startswith((bn + ".", lin + "."))}
+        if other or not {"0.running_mean", "0.running_var", "1.weight", "1.bias"} <= set(sd):
+            raise ValueError(f"--eval_head {path} is no probe head: expected probe.pt, or layer.1.running_mean/_var + "
+                             f"layer.2.weight/.bias (older files: layer.2 / layer.3), found keys "
+                             f"{', '.join((other or keys)[:8])}")
+    C, width = sd["1.weight"].shape if sd["1.weight"].ndim == 2 else (0, 0)
+    shapes = {k: tuple(sd[k].shape) for k in ("0.running_mean", "0.running_var", "1.weight", "1.bias")}
+    if shapes != {"0.running_mean": (width,), "0.running_var": (width,), "1.weight": (C, width), "1.bias": (C,)}:
+        raise ValueError(f"--eval_head {path}: the head's shapes do not fit together: {shapes}")
+    if width != dim:
+        raise ValueError(f"--eval_head {path} is a head for {width}-dim features, the encoder's are {dim}-dim")
+    if not (pool or file_pool):
+        raise ValueError(f"--eval_head {path} names no pooling: give --pool cls or --pool mean")
+    head = make_head(width, C)
+    head.load_state_dict({"0.num_batches_tracked": torch.tensor(0), **sd})  # strict
+    return head.eval(), pool or file_pool, layout
 
 
 def fit_logreg(x, y, num_classes, lam, rtol=1e-6, max_iter=10000):
@@ -412,9 +468,10 @@ def ignore_stop_signals(worker_id):
 
 
 def get_lr(it, lr, min_lr, warmup_iters, max_iters):
-    """Linear warmup from 0, then cosine to min_lr; per optimizer step."""
+    """Per optimizer step: linear warmup, lr * (it + 1) / (warmup_iters + 1) at step it < warmup_iters (the
+    authors' schedule: the first step does not run at lr 0), then cosine from lr at warmup_iters to min_lr."""
     if it < warmup_iters:
-        return lr * it / warmup_iters
+        return lr * (it + 1) / (warmup_iters + 1)
     progress = min(1.0, (it - warmup_iters) / max(1, max_iters - warmup_iters))
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
@@ -468,7 +525,7 @@ def find_resume(resume, out_dir, final_name):
 def main(args):
     check_flags(args, [  # every flag's range, before anything runs: (flags, wanted, test)
         ("epochs batch_size eval_every log_interval ckpt_interval", ">= 1", lambda v: v >= 1),
-        ("max_iters num_workers keep_last img_size per_class min_lr weight_decay", ">= 0", lambda v: v >= 0),
+        ("max_iters num_workers keep_last img_size per_class min_lr weight_decay heads", ">= 0", lambda v: v >= 0),
         ("warmup_epochs", "-1 or >= 0", lambda v: v == -1 or v >= 0),
         ("blrs lambd", "> 0", lambda v: v > 0),
         ("crop_pct", "in (0, 1]", lambda v: 0 < v <= 1),
@@ -498,6 +555,8 @@ def main(args):
         fail("--logreg 1 and --cached 1 are two different classifiers; choose one")
     if args.train_list and args.per_class:
         fail("--train_list and --per_class both pick the labelled images; choose one")
+    if args.eval_head and (args.logreg or args.cached or args.resume or args.train_list or args.per_class):
+        fail("--eval_head evaluates a trained head; --logreg, --cached, --resume, --train_list, --per_class train one")
     out_dir = args.out_dir
     if master_process:
         lock_out_dir(out_dir)
@@ -508,28 +567,35 @@ def main(args):
 
     # encoder and data: every check before any feature is extracted
     try:
-        encoder = vit.load_encoder(args.init, args.which, args.img_size or None, verbose=master_process)
+        encoder = vit.load_encoder(args.init, args.which, args.img_size or None, master_process, args.heads or None)
+        head, args.pool, layout = read_head(args.eval_head, encoder.args["dim"], args.pool) if args.eval_head else \
+            (None, args.pool or "cls", None)  # --eval_head: the file's pooling unless --pool
     except (ValueError, FileNotFoundError, KeyError) as e:
         fail(str(e))
     model_args, D = encoder.args, encoder.args["dim"]
     img_size = model_args["img_size"]
-    for split in ("train", "val"):
+    splits = ("val",) if args.eval_head else ("train", "val")  # --eval_head trains nothing
+    for split in splits:
         if not os.path.isdir(os.path.join(args.data_path, split)):
-            fail(f"missing split folder {os.path.join(args.data_path, split)} (expected train/ and val/)")
+            fail(f"missing split folder {os.path.join(args.data_path, split)} (expected {'/ and '.join(splits)}/)")
     augment = not args.cached and not args.logreg and bool(args.train_aug)
-    train_set = ImageFolder(os.path.join(args.data_path, "train"), img_size, augment, args.crop_pct, args.seed,
-                            args.skip_bad_images, resize=not use_cuda)
     val_set = ImageFolder(os.path.join(args.data_path, "val"), img_size, False, args.crop_pct, args.seed,
                           args.skip_bad_images, resize=not use_cuda)
-    if train_set.classes != val_set.classes:
-        fail(f"train and val class folders differ: {sorted(set(train_set.classes) ^ set(val_set.classes))[:6]}")
-    C = len(train_set.classes)
-    if args.train_list or args.per_class:
-        train_set.samples = [train_set.samples[i] for i in
-                             select_train(train_set.samples, train_set.classes, args.train_list, args.per_class, args.seed)]
-    n_train = len(train_set)
-    if not args.logreg and n_train < args.batch_size:
-        fail(f"--batch_size {args.batch_size} is larger than the training set ({n_train} images)")
+    C = len(val_set.classes)
+    if head is not None and head[1].out_features != C:
+        fail(f"--eval_head {args.eval_head} is a head for {head[1].out_features} classes, "
+             f"{os.path.join(args.data_path, 'val')} has {C} class folders")
+    if not args.eval_head:
+        train_set = ImageFolder(os.path.join(args.data_path, "train"), img_size, augment, args.crop_pct, args.seed,
+                                args.skip_bad_images, resize=not use_cuda)
+        if train_set.classes != val_set.classes:
+            fail(f"train and val class folders differ: {sorted(set(train_set.classes) ^ set(val_set.classes))[:6]}")
+        if args.train_list or args.per_class:
+            train_set.samples = [train_set.samples[i] for i in
+                                 select_train(train_set.samples, train_set.classes, args.train_list, args.per_class, args.seed)]
+        n_train = len(train_set)
+        if not args.logreg and n_train < args.batch_size:
+            fail(f"--batch_size {args.batch_size} is larger than the training set ({n_train} images)")
     encoder.to(device)
     if args.compile:
         encoder = torch.compile(encoder)
@@ -552,6 +618,25 @@ def main(args):
     def log(entry):
         with open(os.path.join(out_dir, "log.txt"), "a") as f:
             f.write(json.dumps(entry) + "\n")
+
+    # -------------------------------------------------------------------------
+    # --eval_head: a trained head on the val centre crops (every rank encodes its share; features gathered)
+    if args.eval_head:
+        if master_process:
+            print(f"probe evaluation: encoder {model_args} from {args.init} ({args.pool} pooling, {dtype}), head "
+                  f"{args.eval_head} ({layout}), {len(val_set)} val images, {C} classes, {ddp_world_size} process(es)")
+        with torch.no_grad():
+            logits, y = head.to(device)(features(val_set, "val")), labels_of(val_set)  # (N, C), (N,)
+        top1 = 100.0 * (logits.argmax(1) == y).double().mean().item()
+        top5 = 100.0 * (logits.topk(min(5, C), dim=1).indices == y[:, None]).any(1).double().mean().item()
+        if master_process:
+            print(f"top-1 {top1:.2f}%, top-5 {top5:.2f}%")
+            log(dict(eval_top1=round(top1, 4), eval_top5=round(top5, 4), init=args.init, which=args.which,
+                     eval_head=args.eval_head, pool=args.pool, val=len(val_set), img_size=img_size, crop_pct=args.crop_pct))
+        if ddp:
+            dist.barrier()  # rank 0 may still be writing; leave together (gloo aborts otherwise)
+            dist.destroy_process_group()
+        return
 
     if master_process:
         mode = "logistic regression" if args.logreg else "cached features" if args.cached else \

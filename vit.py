@@ -364,13 +364,19 @@ def encoder_state(ckpt, path="checkpoint", which="ema"):
     return dict(sd), None, note
 
 
-def infer_model_args(sd, path="checkpoint"):
+def infer_model_args(sd, path="checkpoint", heads=None):
     """Model args from the shapes of a foreign state dict: D from cls_token, P from the patch
-    conv, depth by counting blocks, heads from D (REFERENCE: 768 → 12, 1024/1280 → 16)."""
+    conv, depth by counting blocks, heads from D for the released widths (REFERENCE: 768 → 12,
+    1024/1280 → 16). No tensor holds the head count: any other width needs `heads`."""
     D = sd["cls_token"].shape[-1]
     P = sd["patch_embed.proj.weight"].shape[-1]
     depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
-    heads = DEPTH_HEADS.get(D, (depth, max(1, D // 64)))[1]
+    if heads is None and D not in DEPTH_HEADS:
+        raise ValueError(f"{path}: width {D} is none of {', '.join(map(str, DEPTH_HEADS))}, so the number of "
+                         f"attention heads cannot be told from the file; give it (--heads, or heads=)")
+    heads = heads or DEPTH_HEADS[D][1]
+    if D % heads:
+        raise ValueError(f"{path}: width {D} is not divisible by {heads} heads")
     if "pos_embed" not in sd:
         raise ValueError(f"{path}: no pos_embed, cannot tell the image size")
     n = sd["pos_embed"].shape[1]
@@ -404,17 +410,20 @@ def load_state_strict(model, sd, path="checkpoint"):
     return model
 
 
-def load_encoder(path, which="ema", img_size=None, verbose=True):
+def load_encoder(path, which="ema", img_size=None, verbose=True, heads=None):
     """Build the encoder from a checkpoint file alone: eval mode, on CPU, float32.
     which: for contrastive-tuning checkpoints, "ema" (default, what the authors evaluate) or
     "online". img_size: build for another resolution (the fixed sin-cos position embedding is
-    recomputed; the file's own pos_embed is then not used)."""
+    recomputed; the file's own pos_embed is then not used). heads: the attention heads of a foreign
+    file whose width is not a released one (this project's files hold their own)."""
     ckpt = load_checkpoint(path)
     sd, args, note = encoder_state(ckpt, path, which)
     if note and verbose:
         print(note, file=sys.stderr)
     if args is None:
-        args = infer_model_args(sd, path)
+        args = infer_model_args(sd, path, heads)
+    elif heads and heads != args["heads"]:
+        raise ValueError(f"{path} holds a {args['heads']}-head encoder, heads={heads} was asked for")
     if img_size is not None and img_size != args["img_size"]:
         args = dict(args, img_size=img_size)
         sd = {k: v for k, v in sd.items() if k != "pos_embed"}

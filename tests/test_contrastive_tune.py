@@ -135,6 +135,7 @@ def test_data_copies_agree():
     for name in ("scan_image_folder", "collate", "crops_to_batch"):
         assert inspect.getsource(getattr(mae_pretrain, name)) == inspect.getsource(getattr(knn, name)) \
             == inspect.getsource(getattr(probe, name)), name
+    assert inspect.getsource(mae_pretrain.get_lr) == inspect.getsource(probe.get_lr)
     assert inspect.getsource(knn.extract_features) == inspect.getsource(probe.extract_features)
     assert inspect.getsource(mae_pretrain.ImageFolder.load) == inspect.getsource(knn.ImageFolder.load) \
         == inspect.getsource(probe.ImageFolder.load)

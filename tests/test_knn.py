@@ -34,7 +34,7 @@ def knn_reference(bank, bank_labels, queries, k, T, num_classes, standardize=Fal
     similarities go by increasing bank index), votes exp(sim / T), the first class with the most votes."""
     bank, queries = np.asarray(bank, np.float64), np.asarray(queries, np.float64)
     if standardize:
-        mu, sd = bank.mean(0), np.maximum(bank.std(0), 1e-12)
+        mu, sd = bank.mean(0), bank.std(0, ddof=1) + 1e-5
         bank, queries = (bank - mu) / sd, (queries - mu) / sd
     bank = bank / np.linalg.norm(bank, axis=1, keepdims=True)
     queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
@@ -168,12 +168,14 @@ def test_knn_ties():
 
 def test_knn_standardize():
     rng = np.random.default_rng(2)
-    # a large offset and scale per dimension: standardising changes the neighbours
-    bank = rng.normal(size=(50, 6)) * [1, 10, 0.1, 5, 1, 1] + [0, 0, 3, 0, -2, 7]
-    queries = rng.normal(size=(20, 6)) * [1, 10, 0.1, 5, 1, 1] + [0, 0, 3, 0, -2, 7]
+    # a large offset and scale per dimension: standardising changes the neighbours; dimension 5's std is
+    # near the 1e-5 added to it (the authors' (x - mean) / (unbiased std + 1e-5)), where that term matters
+    scale, offset = [1, 10, 0.1, 5, 1, 2e-5], [0, 0, 3, 0, -2, 7]
+    bank = rng.normal(size=(50, 6)) * scale + offset
+    queries = rng.normal(size=(20, 6)) * scale + offset
     labels = rng.integers(0, 4, 50)
     b, q = knn.prepare_features(torch.as_tensor(bank), torch.as_tensor(queries), True)
-    mu, sd = bank.mean(0), bank.std(0)
+    mu, sd = bank.mean(0), bank.std(0, ddof=1) + 1e-5
     rb, rq = (bank - mu) / sd, (queries - mu) / sd
     np.testing.assert_allclose(b.numpy(), rb / np.linalg.norm(rb, axis=1, keepdims=True), atol=1e-12)
     np.testing.assert_allclose(q.numpy(), rq / np.linalg.norm(rq, axis=1, keepdims=True), atol=1e-12)

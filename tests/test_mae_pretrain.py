@@ -1,6 +1,7 @@
 """Stage 1: MAE pieces against references written here, and the script run end to end
 (single process, 2-process torchrun on gloo, SIGTERM + resume, bad inputs)."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -170,9 +171,16 @@ def test_save_atomic_keeps_previous_file_when_the_write_fails(tmp_path, monkeypa
 
 
 def test_lr_schedule():
-    lrs = [mae_pretrain.get_lr(i, 1.0, 0.0, 10, 110) for i in range(111)]
-    assert lrs[0] == 0 and lrs[5] == pytest.approx(0.5) and lrs[10] == pytest.approx(1.0)
-    assert lrs[60] == pytest.approx(0.5) and lrs[110] == pytest.approx(0.0, abs=1e-12)
+    """The authors' warmup: step s < W runs at lr (s + 1) / (W + 1), never at 0; from s = W the cosine
+    starts at lr and ends at min_lr (every script's get_lr is this copy: test_data_copies_agree)."""
+    W, T, lr, min_lr = 10, 110, 2.0, 0.1
+    ref = [lr * (s + 1) / (W + 1) if s < W else min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * (s - W) / (T - W)))
+           for s in range(T + 1)]
+    lrs = [mae_pretrain.get_lr(s, lr, min_lr, W, T) for s in range(T + 1)]
+    assert lrs == pytest.approx(ref, rel=1e-12)
+    assert lrs[0] == pytest.approx(lr / 11) and lrs[W - 1] == pytest.approx(lr * 10 / 11) and lrs[W] == lr
+    assert lrs[60] == pytest.approx((lr + min_lr) / 2) and lrs[T] == pytest.approx(min_lr)
+    assert mae_pretrain.get_lr(0, lr, 0.0, 0, T) == lr  # no warmup: the first step at lr
 
 
 # ---------------------------------------------------------------- the script end to end

@@ -183,6 +183,27 @@ def test_queue_fifo_wraparound_and_self_exclusion():
     assert lab.tolist() == [0] and torch.equal(nn, q2.vectors[:1])
 
 
+@pytest.mark.parametrize("script", ["nnclr_head", "contrastive_tune"])
+def test_head_init_is_torchs_default_and_nn_acc_is_view_0(script):
+    """Both copies of the head start at torch's default init, as the authors' (the same draws as plain
+    Linear / BatchNorm1d layers built in the same order); the accuracy monitor is view 0's."""
+    mod = __import__(script)
+    torch.manual_seed(3)
+    head = mod.NNCLRHead(40, proj_hidden=64, proj_dim=16, pred_hidden=32)
+    torch.manual_seed(3)
+    ref = [torch.nn.Linear(i, o, bias=False) for i, o in ((40, 64), (64, 64), (64, 16), (16, 32), (32, 16))]
+    linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 5 and all(torch.equal(a.weight, b.weight) for a, b in zip(linears, ref))
+    assert all((m.weight == 1).all() and (m.bias == 0).all() for m in head.modules() if isinstance(m, torch.nn.BatchNorm1d))
+    # queue: the 4 unit vectors, labels 0-3; view 0's neighbours are right for 3 of 4 samples, view 1's for 1
+    q = mod.Queue(4, 4)
+    q.vectors, q.indices, q.labels = torch.eye(4), torch.arange(100, 104), torch.arange(4)
+    e = torch.eye(4)
+    z = torch.stack([e[[0, 1, 2, 0]], e[[0, 0, 0, 0]]])  # (2, 4, 4)
+    _, _, acc = mod.nnclr_step(z, z.clone(), torch.arange(4), torch.arange(4), q, 0.2)
+    assert acc.item() == 0.75
+
+
 def _step_problem(g):
     """A tiny float64 problem: a linear "head" on 2 views of 6 samples, a partly filled queue that
     holds entries of some of the batch's own samples."""

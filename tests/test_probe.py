@@ -75,10 +75,10 @@ def error_line(capsys, *argv):
     return err[-1]
 
 
-def folder_features(enc_path, split_dir, paths=None):
-    """CLS features computed here: PIL decode (32 px images, crop_pct 1 is the identity), ImageNet
-    normalisation, the encoder."""
-    enc = vit.load_encoder(enc_path, verbose=False)
+def folder_features(enc_path, split_dir, paths=None, pool="cls", heads=None):
+    """CLS (or mean patch) features computed here: PIL decode (32 px images, crop_pct 1 is the identity),
+    ImageNet normalisation, the encoder."""
+    enc = vit.load_encoder(enc_path, verbose=False, heads=heads)
     classes = sorted(os.listdir(split_dir))
     if paths is None:
         paths = [f"{c}/{f}" for c in classes for f in sorted(os.listdir(os.path.join(split_dir, c)))]
@@ -86,7 +86,8 @@ def folder_features(enc_path, split_dir, paths=None):
     x = np.stack([np.asarray(Image.open(os.path.join(split_dir, p)).convert("RGB")) for p in paths]).astype(np.float32)
     x = (x - np.array([0.485, 0.456, 0.406], np.float32) * 255) / (np.array([0.229, 0.224, 0.225], np.float32) * 255)
     with torch.no_grad():
-        f = enc(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous())[:, 0]
+        t = enc(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous())
+    f = t[:, 0] if pool == "cls" else t[:, 1:].mean(1)
     return f.double().numpy(), labels
 
 
@@ -150,8 +151,14 @@ def test_heads_are_independent_and_the_bn_has_no_parameters(setup):
     assert heads.norm.weight is None and heads.norm.bias is None and not heads.norm.affine
     w = heads.linears[0].weight
     assert all(torch.equal(lin.weight, w) for lin in heads.linears) and all((lin.bias == 0).all() for lin in heads.linears)
-    assert 0.008 < w.std().item() < 0.012 and w.abs().max().item() <= 0.02  # trunc-normal std 0.01, cut at 2 std
     assert not torch.equal(w, probe.LinearHeads(96, 3, 1, seed=1).linears[0].weight)
+    # the authors' init: normal std 0.01 cut at +-2 absolute (200 std: uncut), so 4.55% lie beyond 2 std;
+    # BatchNorm eps 1e-5 (torch's, theirs); their lr grid, ten heads
+    big = probe.LinearHeads(256, 100, 1, seed=0)
+    w = big.linears[0].weight
+    assert 0.0098 < w.std().item() < 0.0102 and 0.040 < (w.abs() > 0.02).float().mean().item() < 0.051
+    assert big.norm.eps == 1e-5 and big.head(0)[0].eps == 1e-5
+    assert probe.parser.get_default("blrs") == [round(0.1 - 0.01 * i, 2) for i in range(10)]
 
 
 def noise_folder(root, classes=3, per_class=8, val_per_class=8, seed=0):
@@ -173,13 +180,14 @@ def test_head_file_holds_the_best_head(setup):
     assert ck["stage"] == "probe" and ck["pool"] == "cls" and ck["encoder_init"] == enc
     assert ck["classes"] == ["class_0", "class_1", "class_2"]
     assert set(ck["head"]) == {"0.running_mean", "0.running_var", "0.num_batches_tracked", "1.weight", "1.bias"}
-    # the best over heads and evaluations, the first time it was reached: here head 1 after epoch 1
+    # the best over heads and evaluations, the first time it was reached: here before the last epoch
     ev = evals(tmp / "p")
     best = max(max(e["top1"]) for e in ev)
     first = next(e for e in ev if max(e["top1"]) == best)
     assert (ck["top1"], ck["epoch"], ck["blr"]) == (best, first["epoch"], [0.05, 2.0][first["top1"].index(best)])
-    assert ck["epoch"] < ev[-1]["epoch"] and ck["blr"] == 2.0 and ck["lr"] == 2.0 * 8 / 256
-    assert not torch.equal(ck["head"]["1.weight"], ck["heads"]["linears.1.weight"])  # a snapshot, not the last
+    h = [0.05, 2.0].index(ck["blr"])
+    assert ck["epoch"] < ev[-1]["epoch"] and ck["lr"] == ck["blr"] * 8 / 256
+    assert not torch.equal(ck["head"]["1.weight"], ck["heads"][f"linears.{h}.weight"])  # a snapshot, not the last
     head = probe.make_head(**ck["head_args"])
     head.load_state_dict(ck["head"])  # strict
     head.eval()
@@ -188,7 +196,7 @@ def test_head_file_holds_the_best_head(setup):
         pred = head(torch.from_numpy(x).float()).argmax(1).numpy()
     assert ck["top1"] == 100.0 * (pred == y).mean()
     # what the head's BatchNorm does in eval mode, as a formula
-    bn = (x - ck["head"]["0.running_mean"].double().numpy()) / np.sqrt(ck["head"]["0.running_var"].double().numpy() + 1e-6)
+    bn = (x - ck["head"]["0.running_mean"].double().numpy()) / np.sqrt(ck["head"]["0.running_var"].double().numpy() + 1e-5)
     ref = bn @ ck["head"]["1.weight"].double().numpy().T + ck["head"]["1.bias"].double().numpy()
     np.testing.assert_array_equal(ref.argmax(1), pred)
 
@@ -345,6 +353,127 @@ def test_errors(setup, capsys):
     (tmp / "data" / "val" / "class_2" / "zz.jpg").write_bytes(b"not a jpeg")
     line = error_line(capsys, *base(data, enc, tmp / "x", "--cached", 1))
     assert "unreadable image" in line and "zz.jpg" in line
+
+
+# -----------------------------------------------------------------------------
+# --eval_head: this project's probe.pt and the MAE-CT releases' two layouts
+
+def release_head(path, head, layout="new", kind="mean_patch", **ctor):
+    """An MAE-CT probes/<name>.th as their files hold it: head (BatchNorm, Linear) under layer.1 / layer.2
+    (and norm.*, the same BatchNorm), or in older files layer.2 / layer.3."""
+    bn, lin = ("layer.1", "layer.2") if layout == "new" else ("layer.2", "layer.3")
+    sd = {f"{bn}.running_mean": head["0.running_mean"], f"{bn}.running_var": head["0.running_var"],
+          f"{bn}.num_batches_tracked": torch.tensor(5005), f"{lin}.weight": head["1.weight"], f"{lin}.bias": head["1.bias"]}
+    if layout == "new":
+        sd.update({f"norm.{k.split('.')[-1]}": v.clone() for k, v in sd.items() if k.startswith(bn)})
+    pooling = {} if kind is None else {"pooling": {"kind": kind}}
+    torch.save({"state_dict": sd, "ctor_kwargs": {**pooling, "optim_ctor": {"kind": "sgd"}, **ctor}}, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    """7 classes x 3 val images (no train/ left); a width-96, 3-head encoder as an MAE-CT-style release
+    (flat, pos_embed without the CLS row: needs --heads 3); a probe.pt trained on it with mean pooling; a
+    head with some tiny running variances, where the BatchNorm's eps matters."""
+    tmp = tmp_path_factory.mktemp("released")
+    data = make_image_folder(tmp / "data", classes=7, per_class=1, val_per_class=3)
+    torch.manual_seed(0)
+    m = vit.ViT(img_size=32, patch_size=4, dim=96, depth=2, heads=3)
+    own, foreign = str(tmp / "mae.pt"), str(tmp / "maect_micro.th")
+    torch.save(dict(stage="mae", model_args=m.args, encoder=m.state_dict()), own)
+    torch.save(dict(m.state_dict(), pos_embed=m.state_dict()["pos_embed"][:, 1:]), foreign)
+    run_probe(*base(data, own, tmp / "p", "--cached", 1, "--batch_size", 7, "--epochs", 2, "--pool", "mean"))
+    for f in os.listdir(os.path.join(data, "train")):
+        for name in os.listdir(os.path.join(data, "train", f)):
+            os.remove(os.path.join(data, "train", f, name))
+        os.rmdir(os.path.join(data, "train", f))
+    os.rmdir(os.path.join(data, "train"))
+    g = torch.Generator().manual_seed(1)
+    var = torch.rand(96, generator=g) + 0.5
+    var[:6] = 1e-6  # eps 1e-5 vs 1e-6 changes these features 3-fold
+    head = {"0.running_mean": torch.randn(96, generator=g) * 0.3, "0.running_var": var,
+            "1.weight": torch.randn(7, 96, generator=g) * 0.05, "1.bias": torch.randn(7, generator=g) * 0.1}
+    return dict(tmp=tmp, data=data, own=own, foreign=foreign, probe=str(tmp / "p" / "probe.pt"), head=head)
+
+
+def reference(released, head, pool):
+    """float64: the val features computed here, (x - mean) / sqrt(var + 1e-5) W^T + b; top-1 and top-5 (%)."""
+    x, y = folder_features(released["own"], os.path.join(released["data"], "val"), pool=pool)
+    h = {k: v.double().numpy() for k, v in head.items() if k != "0.num_batches_tracked"}
+    logits = (x - h["0.running_mean"]) / np.sqrt(h["0.running_var"] + 1e-5) @ h["1.weight"].T + h["1.bias"]
+    top5 = np.argsort(-logits, axis=1)[:, :5]
+    return x, logits, 100.0 * (logits.argmax(1) == y).mean(), 100.0 * (top5 == y[:, None]).any(1).mean()
+
+
+def eval_argv(released, head_file, out, *extra):
+    return ["--data_path", released["data"], "--init", released["foreign"], "--heads", 3, "--eval_head", head_file,
+            "--out_dir", out, "--crop_pct", 1, "--num_workers", 0, "--batch_size", 8, "--device", "cpu", *extra]
+
+
+def test_eval_head_layouts_match_float64_reference(released, capsys):
+    tmp, head = released["tmp"], released["head"]
+    trained = load(tmp / "p")
+    cases = [("probe.pt", released["probe"], trained["head"], "mean", []),
+             ("layer.1/2 + norm", release_head(tmp / "new.th", head, "new", "mean_patch"), head, "mean", []),
+             ("layer.2/3", release_head(tmp / "old.th", head, "old", "class_token"), head, "cls", []),
+             ("--pool over the file's", str(tmp / "new.th"), head, "cls", ["--pool", "cls"])]
+    refs = []
+    for i, (name, path, sd, pool, extra) in enumerate(cases):
+        x, ref_logits, ref1, ref5 = reference(released, sd, pool)
+        refs.append((ref1, ref5))
+        module, file_pool, _ = probe.read_head(path, 96, (extra or [None])[-1])
+        assert file_pool == pool and not module.training, name
+        with torch.no_grad():
+            logits = module(torch.from_numpy(x).float()).double().numpy()
+        np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-4 * np.abs(ref_logits).max(), err_msg=name)
+        capsys.readouterr()
+        run_probe(*eval_argv(released, path, tmp / "e", *extra))
+        out = capsys.readouterr().out
+        assert f"top-1 {ref1:.2f}%, top-5 {ref5:.2f}%" in out and f"({pool} pooling" in out, (name, out)
+        entry = json.loads(open(tmp / "e" / "log.txt").read().splitlines()[i])
+        assert (entry["eval_top1"], entry["eval_top5"], entry["pool"]) == (round(ref1, 4), round(ref5, 4), pool), name
+        assert entry["eval_head"] == path and entry["init"] == released["foreign"] and entry["val"] == 21
+    assert len(set(refs)) == 3 and any(0 < r1 < r5 < 100 for r1, r5 in refs)  # not trivial, and they differ
+    assert sorted(os.listdir(tmp / "e")) == ["lock", "log.txt"]  # nothing else (in-process runs: the lock until exit)
+    # 2 processes (11 + 10 images): the same numbers
+    run_torchrun(2, "probe.py", *map(str, eval_argv(released, str(tmp / "new.th"), tmp / "e2")))
+    two = json.loads(open(tmp / "e2" / "log.txt").read())
+    one = json.loads(open(tmp / "e" / "log.txt").read().splitlines()[1])
+    assert {k: two[k] for k in ("eval_top1", "eval_top5", "pool")} == {k: one[k] for k in ("eval_top1", "eval_top5", "pool")}
+
+
+def test_eval_head_errors(released, setup, capsys):
+    tmp, head = released["tmp"], released["head"]
+    new = release_head(tmp / "err_new.th", head)
+    # 7-class head on a 3-class val folder: as a user runs it
+    _, data3, enc3 = setup
+    p = subprocess.run([sys.executable, "probe.py", "--data_path", data3, "--init", enc3, "--eval_head", new, "--out_dir",
+                        str(tmp / "x3"), "--num_workers", "1", "--crop_pct", "1", "--device", "cpu"],
+                       cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == \
+        f"error: --eval_head {new} is a head for 7 classes, {os.path.join(data3, 'val')} has 3 class folders"
+    assert not os.path.exists(tmp / "x3" / "log.txt")
+
+    def line(head_file, *extra):
+        return error_line(capsys, *eval_argv(released, head_file, tmp / "x", *extra))
+    narrow = {k: v[..., :64] if k != "1.bias" else v for k, v in head.items()}
+    assert "is a head for 64-dim features, the encoder's are 96-dim" in line(release_head(tmp / "w64.th", narrow))
+    assert "no probe head" in line(released["foreign"]) and "found keys cls_token" in line(released["foreign"])
+    assert "expected a trained probe head, found a mae checkpoint" in line(released["own"])
+    assert "names no pooling: give --pool" in line(release_head(tmp / "nopool.th", head, kind=None))
+    assert "pooling kind 'foo'" in line(release_head(tmp / "foo.th", head, kind="foo"))
+    ck = torch.load(new, weights_only=False)
+    ck["state_dict"]["norm.running_var"] = ck["state_dict"]["norm.running_var"] + 1
+    torch.save(ck, tmp / "alias.th")
+    assert "norm.* is not the same BatchNorm as layer.1.*" in line(str(tmp / "alias.th"))
+    ck["state_dict"] = dict(torch.load(new, weights_only=False)["state_dict"], **{"layer.0.proj": torch.zeros(1)})
+    torch.save(ck, tmp / "extra.th")
+    assert "found keys layer.0.proj" in line(str(tmp / "extra.th"))
+    assert "--eval_head evaluates a trained head" in line(new, "--cached", 1)
+    empty = tmp / "empty"
+    empty.mkdir(exist_ok=True)
+    assert "missing split folder" in error_line(capsys, *eval_argv(dict(released, data=str(empty)), new, tmp / "x"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -240,6 +240,62 @@ def test_infer_args_for_released_sizes():
         assert vit.infer_model_args(sd) == dict(img_size=224, patch_size=P, dim=D, depth=depth, heads=heads)
 
 
+def test_foreign_file_of_another_width_needs_heads(tmp_path):
+    """No tensor holds the head count: a foreign width-96 encoder with 3 heads (not 96 // 64 = 1) is refused
+    in one line without heads=, and loads exactly with it."""
+    args = dict(img_size=32, patch_size=8, dim=96, depth=2, heads=3)
+    torch.manual_seed(0)
+    m = vit.ViT(**args).eval()
+    sd = dict(m.state_dict(), pos_embed=m.state_dict()["pos_embed"][:, 1:])  # an MAE-CT-style release
+    path = save(sd, tmp_path, "w96.th")
+    with pytest.raises(ValueError) as e:
+        vit.load_encoder(path)
+    assert str(e.value).count("\n") == 0 and "width 96" in str(e.value) and "--heads" in str(e.value)
+    enc = vit.load_encoder(path, heads=3)
+    imgs = torch.randn(2, 3, 32, 32)
+    assert enc.args == args and torch.equal(enc(imgs), m(imgs))
+    with pytest.raises(ValueError, match="not divisible by 5 heads"):
+        vit.load_encoder(path, heads=5)
+    own = save(dict(stage="mae", model_args=args, encoder=m.state_dict()), tmp_path, "mae.pt")
+    assert vit.load_encoder(own, heads=3).args == args  # this project's files hold their own
+    with pytest.raises(ValueError, match="3-head encoder, heads=4"):
+        vit.load_encoder(own, heads=4)
+
+
+@pytest.mark.parametrize("script", ["knn.py", "probe.py", "nnclr_head.py", "contrastive_tune.py"])
+def test_scripts_take_heads_for_foreign_widths(tmp_path, script, capsys, monkeypatch):
+    """Every script that reads a foreign --init refuses a width-96 file in one line and takes --heads
+    (knn.py and probe.py as subprocesses, run to the end with it; the training stages in this process)."""
+    import signal
+    from conftest import make_image_folder, run_script
+    data = make_image_folder(tmp_path / "data", per_class=2, val_per_class=2)
+    torch.manual_seed(0)
+    m = vit.ViT(img_size=32, patch_size=8, dim=96, depth=1, heads=3)
+    path = save(dict(m.state_dict()), tmp_path, "w96.th")
+    head = save(dict(stage="nnclr_head", model_args=m.args, head_args={}, head={}, pool="mean", queue={},
+                     encoder_init=path), tmp_path, "head.pt")  # only read after the encoder
+    argv = [script, "--data_path", data, "--init", path, "--out_dir", str(tmp_path / "o"), "--num_workers", "0",
+            "--device", "cpu", *(["--head", head] if script == "contrastive_tune.py" else [])]
+    if script in ("knn.py", "probe.py"):
+        p = run_script(*argv, check=False)
+        code, err = p.returncode, p.stderr
+    else:
+        mod = __import__(script[:-3])
+        monkeypatch.setattr(signal, "signal", lambda *a: None)  # keep pytest's handlers
+        with pytest.raises(SystemExit) as e:
+            mod.main(mod.parser.parse_args(argv[1:]))
+        code, err = e.value.code, capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith(f"error: {path}: width 96 is none of") and "--heads" in last
+    if script in ("knn.py", "probe.py"):  # with --heads, to the end
+        extra = ["--k", "2"] if script == "knn.py" else ["--cached", "1", "--batch_size", "2", "--epochs", "1"]
+        assert "top-1" in run_script(*argv, "--crop_pct", "1", "--heads", "3", *extra).stdout
+    else:  # the training stages' encoder builder, with the head count
+        enc = mod.build_encoder(path, 0, 3)[0]
+        imgs = torch.randn(1, 3, 32, 32)
+        assert enc.args == m.args and torch.equal(enc.eval()(imgs), m.eval()(imgs))
+
+
 def test_errors_name_the_keys(tmp_path):
     sd = dict(small_vit().state_dict())
     del sd["blocks.1.attn.qkv.weight"]
