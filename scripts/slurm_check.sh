@@ -35,10 +35,12 @@ if [ "$missing" = 1 ]; then
     say "installing slurm-wlm and munge"
     export DEBIAN_FRONTEND=noninteractive
     timeout 300 apt-get update -qq || fail "apt-get update"
-    timeout 600 apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null || fail "apt-get install slurm-wlm munge"
+    timeout 600 apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null \
+        || fail "apt-get install slurm-wlm munge"
 fi
 [ "$(id -u)" = 0 ] || fail "the one-node cluster runs its daemons as root: run as root"
-say "slurm-wlm $(dpkg-query -W -f '${Version}' slurm-wlm 2>/dev/null || echo '(not from a package)'), $(munged --version 2>&1 | head -n 1)"
+say "slurm-wlm $(dpkg-query -W -f '${Version}' slurm-wlm 2>/dev/null || echo '(not from a package)')," \
+    "$(munged --version 2>&1 | head -n 1)"
 command -v torchrun >/dev/null || fail "torchrun is not on PATH (pip install torch)"
 cpus=$(nproc)  # before OMP_NUM_THREADS is set below: nproc obeys it
 
@@ -83,7 +85,7 @@ trap 'exit 130' INT TERM
 # ---- 3. tiny data, mae.pt and head.pt (the same tiny models as the tests) ------------------------------
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 say "making a tiny image folder, mae.pt and head.pt in $T"
-python3 -c "import sys; sys.path.insert(0, 'tests'); from conftest import make_image_folder; make_image_folder('$T/data')" \
+python3 -c "import sys; sys.path.insert(0, 'tests'); import conftest; conftest.make_image_folder('$T/data')" \
     || fail "generating the image folder"
 python3 mae_pretrain.py --data_path "$T/data" --out_dir "$T/mae" --model vit_micro --img_size 32 --patch_size 4 \
     --dec_dim 32 --dec_depth 1 --dec_heads 2 --batch_size 8 --max_iters 2 --num_workers 0 --device cpu \
@@ -168,7 +170,12 @@ submit() {  # submit NAME: prints the job id
 }
 job_field() { scontrol show job "$1" 2>/dev/null | tr ' ' '\n' | sed -n "s/^$2=//p" | head -n 1; }
 job_state() { [ "$(job_field "$1" JobState)" = "$2" ]; }
-job_done() { case "$(job_field "$1" JobState)" in COMPLETED|FAILED|CANCELLED|TIMEOUT|NODE_FAIL|OUT_OF_MEMORY) true;; *) false;; esac; }
+job_done() {
+    case "$(job_field "$1" JobState)" in
+        COMPLETED|FAILED|CANCELLED|TIMEOUT|NODE_FAIL|OUT_OF_MEMORY|PREEMPTED|BOOT_FAIL|DEADLINE) true;;
+        *) false;;
+    esac
+}
 
 # ---- 6. the reference: the same job, never signalled ----------------------------------------------------
 ref=$(submit ref); jobs_submitted+=("$ref")
@@ -181,9 +188,12 @@ say "job $ref completed: $T/ref/ct.pt"
 # ---- 7. the same job, signalled mid-run -----------------------------------------------------------------
 run=$(submit run); jobs_submitted+=("$run")
 say "job $run submitted"
-logged_iter() { python3 -c "import json, sys
+logged_iter() {
+    ! job_done "$run" || fail "job $run ended $(job_field "$run" JobState) before iteration $1 (see $T/job_run.out)"
+    python3 -c "import json, sys
 its = [json.loads(l).get('iter', 0) for l in open(sys.argv[1])]
-sys.exit(0 if its and max(its) >= int(sys.argv[2]) else 1)" "$T/run/log.txt" "$1" 2>/dev/null; }
+sys.exit(0 if its and max(its) >= int(sys.argv[2]) else 1)" "$T/run/log.txt" "$1" 2>/dev/null
+}
 wait_for 120 "job $run to log iteration $SIGNAL_AT" logged_iter "$SIGNAL_AT"
 # what --signal=B:USR1@120 does at the time limit: USR1 to the batch shell only (not to the job steps)
 scancel --signal USR1 --batch "$run" || fail "scancel --signal USR1 --batch $run"
@@ -197,7 +207,8 @@ requeued() {
 wait_for 90 "job $run to be requeued (Restarts=1, pending)" requeued
 ckpts=("$T"/run/ckpt_*.pt)
 [ -f "${ckpts[0]}" ] || fail "job $run was requeued without a checkpoint in $T/run"
-say "job $run requeued ($(job_field "$run" JobState), $(job_field "$run" Reason)) after writing $(basename "${ckpts[-1]}")"
+say "job $run requeued ($(job_field "$run" JobState), $(job_field "$run" Reason))" \
+    "after writing $(basename "${ckpts[-1]}")"
 restarted() { [ "$(job_field "$run" Restarts)" = 1 ] && ! job_state "$run" PENDING; }
 wait_for 60 "requeued job $run to start again" restarted
 say "job $run started again by itself"
@@ -242,6 +253,7 @@ except AssertionError as e:
     sys.exit(f"differs at {e}")
 print(f"ct.pt after the requeue equals the reference's: {n} tensors bit-identical, iter_num {run['iter_num']}")
 EOF
-same=$(python3 "$T/compare.py" "$T/ref/ct.pt" "$T/run/ct.pt" 2>&1) || fail "the requeued run's ct.pt differs from the reference's: $same"
+same=$(python3 "$T/compare.py" "$T/ref/ct.pt" "$T/run/ct.pt" 2>&1) \
+    || fail "the requeued run's ct.pt differs from the reference's: $same"
 say "$same"
 say "PASSED in $((SECONDS - t_start))s"
