@@ -20,7 +20,9 @@ Output (--mode):
         OUT/val a symlink to ROOT/val (if it exists), OUT/MANIFEST.json
   copy  same layout, but the train files are real copies (val is still a link)
   list  OUT is a text file: the chosen file names, one per line, sorted, in the
-        same format as the official split files; manifest in OUT + ".json"
+        same format as the official split files; a name that is in several class
+        dirs (CIFAR-style train/cat/0001.jpg, train/dog/0001.jpg) is written as
+        class/name, as probe.py --train_list reads it; manifest in OUT + ".json"
 
 Examples:
   python lowshot_subsets.py --root /data/imagenet --out /data/in1k_10pct \
@@ -233,8 +235,9 @@ def main(argv=None):
 
     out = os.path.abspath(args.out)
     out_parent = os.path.dirname(out)
-    if out == root or out.startswith(train_dir + os.sep) or out == train_dir:
-        die(f"--out {out} must not be the ImageNet root or inside its train/")
+    real_root, real_out = os.path.realpath(root), os.path.realpath(out)  # through symlinks
+    if real_out == real_root or real_out.startswith(real_root + os.sep):
+        die(f"--out {out} must not be the root {root} or inside it")
     # fail early (before any scanning) if the output cannot be created at all
     try:
         os.makedirs(out_parent, exist_ok=True)
@@ -300,7 +303,13 @@ def main(argv=None):
         source["short_classes"] = args.short_classes
         manifest_extra = {"short": dict(sorted(short.items()))}
 
-    files = sorted(n for names_ in subset.values() for n in names_)
+    # a name in several class dirs (CIFAR-style 0001.jpg) is class/name, in the list and in the fingerprint:
+    # a bare name must pick one file (probe.py --train_list refuses it otherwise)
+    chosen, dirs_of = {n for names_ in subset.values() for n in names_}, {}
+    for wnid in root_classes:
+        for n in scan_class(train_dir, wnid) & chosen:
+            dirs_of[n] = dirs_of.get(n, 0) + 1
+    files = sorted(f"{w}/{n}" if dirs_of.get(n, 0) > 1 else n for w, names_ in subset.items() for n in names_)
     num_images = len(files)
     if num_images == 0:
         die("the subset is empty")
@@ -386,12 +395,15 @@ def main(argv=None):
     # A crash leaves only a hidden .<name>.tmp-* next to OUT, never a
     # half-written OUT that a rerun would take for complete.
     base = os.path.basename(out)
+    umask = os.umask(0)
+    os.umask(umask)  # mkstemp / mkdtemp make 0600 / 0700; the output gets the usual permissions
     tmp = None
     try:
         if args.mode == "list":
             fd, tmp = tempfile.mkstemp(prefix=f".{base}.tmp-", dir=out_parent)
             with os.fdopen(fd, "w") as f:
                 f.write(list_text)
+            os.chmod(tmp, 0o666 & ~umask)
             with open(tmp + ".json", "w") as f:
                 f.write(manifest_text)
             os.replace(tmp + ".json", manifest_path)
@@ -399,6 +411,7 @@ def main(argv=None):
             tmp = None
         else:
             tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=out_parent)
+            os.chmod(tmp, 0o777 & ~umask)
             tmp_train = os.path.join(tmp, "train")
             os.mkdir(tmp_train)
             for wnid, names_ in subset.items():

@@ -224,6 +224,46 @@ def test_list_mode(root, tmp_path):
     assert sorted(os.listdir(out.parent)) == ["sub.txt", "sub.txt.json"]
 
 
+def test_list_of_names_repeated_across_classes_is_read_by_probe(tmp_path):
+    """CIFAR-style folders: the same file name in several classes is written class/name (a bare name would be
+    ambiguous), a name found in one class alone stays bare; probe.py --train_list selects exactly these files."""
+    import probe
+    root = tmp_path / "cifar"
+    for cls, names in {"cat": ["0001.jpg", "0002.jpg", "0003.jpg"], "dog": ["0001.jpg", "0002.jpg", "0004.jpg"]}.items():
+        (root / "train" / cls).mkdir(parents=True)
+        for n in names:
+            (root / "train" / cls / n).write_bytes(f"{cls} {n}".encode())
+    out = tmp_path / "sub.txt"
+    run_main("--root", root, "--out", out, "--per_class", 3, "--mode", "list")
+    lines = read_list(out)
+    assert lines == ["0003.jpg", "0004.jpg", "cat/0001.jpg", "cat/0002.jpg", "dog/0001.jpg", "dog/0002.jpg"]
+    m = json.loads(Path(str(out) + ".json").read_text())
+    assert m["files_sha256"] == hashlib.sha256("".join(f"{n}\n" for n in lines).encode()).hexdigest()
+    samples, classes = probe.scan_image_folder(str(root / "train"))
+    chosen = probe.select_train(samples, classes, str(out), 0, 0)
+    assert sorted(os.path.relpath(samples[i][0], root / "train") for i in chosen) == sorted(
+        f"{c}/{n}" for c, names in (("cat", ["0001.jpg", "0002.jpg", "0003.jpg"]), ("dog", ["0001.jpg", "0002.jpg", "0004.jpg"]))
+        for n in names)
+
+
+@pytest.mark.parametrize("inside", [".", "val/sub", "other/x.txt"])
+def test_out_inside_the_root_is_refused(root, inside):
+    r = run_cli("--root", root, "--out", root / inside, "--per_class", 1, "--mode", "list" if inside.endswith(".txt") else "link")
+    assert_one_line_error(r, "must not be the root", "inside it")
+    assert sorted(os.listdir(root)) == ["train", "val"] and os.listdir(root / "val") == ["n00000001"]
+
+
+@pytest.mark.parametrize("mode", ["link", "list"])
+def test_output_gets_ordinary_permissions(root, tmp_path, mode):
+    out = tmp_path / ("o.txt" if mode == "list" else "o")
+    old = os.umask(0o022)
+    try:
+        run_main("--root", root, "--out", out, "--per_class", 1, "--mode", mode)
+    finally:
+        os.umask(old)
+    assert oct(os.stat(out).st_mode & 0o777) == ("0o644" if mode == "list" else "0o755")
+
+
 # ---- idempotency and refusing to mix -------------------------------------------------
 
 @pytest.mark.parametrize("mode", ["link", "list"])
