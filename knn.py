@@ -15,7 +15,9 @@ to out_dir/log.txt.
 import argparse
 import json
 import math
+import multiprocessing
 import os
+import signal
 import sys
 from contextlib import nullcontext
 
@@ -50,8 +52,8 @@ parser.add_argument("--num_workers", type=int, default=8, help="data loader proc
 parser.add_argument("--skip_bad_images", type=int, default=0, help="1: log unreadable images and use another")
 
 
-def fail(msg):  # one clear line, every rank stops
-    print(f"error: {msg}", file=sys.stderr)
+def fail(msg):  # one clear line (on a line of its own under a progress bar), every rank stops
+    tqdm.write(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -74,6 +76,14 @@ def scan_image_folder(root):
             fail(f"class folder {os.path.join(root, name)} holds no images ({', '.join(IMG_EXTS)})")
         samples += [(os.path.join(root, name, f), c) for f in files]
     return samples, classes
+
+
+class UnreadableImage(RuntimeError):
+    """An image that does not decode. A DataLoader worker's arrives in the main process as UnreadableImage(the
+    worker's traceback): only its last line, the message, is kept, so that the script can print one line."""
+
+    def __init__(self, msg):
+        super().__init__(msg.strip().splitlines()[-1].partition("UnreadableImage: ")[2] or msg)
 
 
 class ImageFolder(torch.utils.data.Dataset):
@@ -111,10 +121,10 @@ class ImageFolder(torch.utils.data.Dataset):
                 return [img.crop(tuple(min(round(v / k), s) for v, s in zip(b, img.size * 2))) for b in boxes], label
             except OSError as e:
                 if not self.skip_bad:
-                    raise RuntimeError(f"unreadable image {path}: {e} (use --skip_bad_images 1 to skip such files)") from None
+                    raise UnreadableImage(f"unreadable image {path}: {e} (use --skip_bad_images 1 to skip such files)") from None
                 self.bad += 1
                 print(f"warning: skipping unreadable image {path} ({e}); {self.bad} skipped in this worker", file=sys.stderr)
-        raise RuntimeError("no readable image in the dataset")
+        raise UnreadableImage("no readable image in the dataset")
 
     def __getitem__(self, item):
         epoch, i = item
@@ -156,7 +166,8 @@ def extract_features(encoder, dataset, how, dim, batch_size, ddp_rank, ddp_world
     per = -(-n // ddp_world_size)  # images per rank; the short ranks' last row stays zero (padding)
     shard = [(0, i) for i in range(ddp_rank, n, ddp_world_size)]
     loader = torch.utils.data.DataLoader(dataset, batch_size=max(1, batch_size // ddp_world_size), sampler=shard,
-                                         num_workers=num_workers, pin_memory=device != "cpu", collate_fn=collate)
+                                         num_workers=num_workers, pin_memory=device != "cpu", collate_fn=collate,
+                                         worker_init_fn=ignore_stop_signals)
     feats, j = torch.zeros(per, dim, device=device), 0
     for flat, sizes, _, _ in tqdm(loader, desc=desc, disable=ddp_rank != 0, dynamic_ncols=True, leave=False):
         with autocast:
@@ -220,6 +231,30 @@ def knn_classify(bank, bank_labels, queries, ks, temperature, num_classes, chunk
 
 
 # -----------------------------------------------------------------------------
+# small helpers shared in shape by every stage script
+
+def ignore_stop_signals(worker_id):
+    """worker_init_fn: SIGTERM / SIGUSR1 are the main process's to handle. timeout and SLURM signal
+    every process of the job; torch's own worker handler dies on a SIGTERM that is not from its
+    parent, and the main process would then crash instead of checkpointing."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+def shut_down():
+    """Every way out of the script (__main__'s finally). The workers ignore SIGTERM, so the loader's and
+    multiprocessing's exit (SIGTERM, then join) would wait for them forever: SIGKILL them, with torch's SIGCHLD
+    handler off first (it would raise for the killed workers). A stop signal from now on has nothing to stop: ignored,
+    also through the interpreter's exit, which would otherwise restore the default action (death by the signal)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for p in multiprocessing.active_children():
+        p.kill()
+        p.join()
+
+
+# -----------------------------------------------------------------------------
 def main(args):
     # DDP: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; NCCL on GPUs, gloo on CPU
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -278,8 +313,8 @@ def main(args):
         feats = [extract_features(encoder, ds, args.pool, model_args["dim"], args.batch_size, ddp_rank, ddp_world_size,
                                   device, autocast, to_input, args.num_workers, desc)
                  for ds, desc in ((bank_set, "bank"), (query_set, "queries"))]
-    except RuntimeError as e:  # a DataLoader worker re-raises with its traceback: keep the last line
-        fail(str(e).strip().splitlines()[-1])
+    except UnreadableImage as e:
+        fail(str(e))
     bank, queries = prepare_features(*feats, standardize=bool(args.standardize))
     bank_labels = torch.tensor([c for _, c in bank_set.samples], device=device)
     query_labels = torch.tensor([c for _, c in query_set.samples], device=device)
@@ -304,4 +339,9 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parser.parse_args())
+    try:
+        main(parser.parse_args())
+    except UnreadableImage as e:  # one line, as for every bad input
+        fail(str(e))
+    finally:
+        shut_down()
