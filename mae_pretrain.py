@@ -323,10 +323,14 @@ def save_atomic(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(path + ".tmp", path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch.save's zip writer can turn a failed write into a RuntimeError
+        os_error = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(os_error, OSError):
+            raise
         if os.path.exists(path + ".tmp"):
             os.remove(path + ".tmp")
-        fail(f"cannot write {path}: {e.strerror or e} (the partial file is removed, earlier checkpoints are intact)")
+        fail(f"cannot write {path}: {os_error.strerror or os_error} (the partial file is removed, earlier checkpoints "
+             f"are intact)")
 
 
 def find_resume(resume, out_dir, final_name, stage):
