@@ -169,7 +169,8 @@ def extract_features(encoder, dataset, how, dim, batch_size, ddp_rank, ddp_world
                                          num_workers=num_workers, pin_memory=device != "cpu", collate_fn=collate,
                                          worker_init_fn=ignore_stop_signals)
     feats, j = torch.zeros(per, dim, device=device), 0
-    for flat, sizes, _, _ in tqdm(loader, desc=desc, disable=ddp_rank != 0, dynamic_ncols=True, leave=False):
+    for flat, sizes, _, _ in tqdm(start_workers(loader), total=len(loader), desc=desc, disable=ddp_rank != 0,
+                                  dynamic_ncols=True, leave=False):
         with autocast:
             f = vit.pool(encoder(to_input(flat, sizes)), how)  # (b, dim)
         feats[j:j + len(f)] = f.float()
@@ -236,9 +237,21 @@ def knn_classify(bank, bank_labels, queries, ks, temperature, num_classes, chunk
 def ignore_stop_signals(worker_id):
     """worker_init_fn: SIGTERM / SIGUSR1 are the main process's to handle. timeout and SLURM signal
     every process of the job; torch's own worker handler dies on a SIGTERM that is not from its
-    parent, and the main process would then crash instead of checkpointing."""
+    parent, and the main process would then crash instead of checkpointing. Blocked until here
+    (start_workers); one that came in the meantime is dropped."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGUSR1})
+
+
+def start_workers(loader):
+    """iter(loader), with SIGTERM / SIGUSR1 blocked while it forks the workers: a worker would die of one before
+    its ignore_stop_signals; held back, it reaches the main process (the workers inherit the block)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGUSR1})
 
 
 def shut_down():

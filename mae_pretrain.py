@@ -225,9 +225,21 @@ class ShardSampler(torch.utils.data.Sampler):
 def ignore_stop_signals(worker_id):
     """worker_init_fn: SIGTERM / SIGUSR1 are the main process's to handle. timeout and SLURM signal
     every process of the job; torch's own worker handler dies on a SIGTERM that is not from its
-    parent, and the main process would then crash instead of checkpointing."""
+    parent, and the main process would then crash instead of checkpointing. Blocked until here
+    (start_workers); one that came in the meantime is dropped."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGUSR1})
+
+
+def start_workers(loader):
+    """iter(loader), with SIGTERM / SIGUSR1 blocked while it forks the workers: a worker would die of one before
+    its ignore_stop_signals; held back, it reaches the main process (the workers inherit the block)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGUSR1})
 
 
 def shut_down():
@@ -523,7 +535,7 @@ def main(args):
     t0, imgs_seen = time.time(), 0
     while iter_num < max_iters:
         sampler.set_epoch(iter_num // steps_per_epoch, start_step=iter_num % steps_per_epoch)
-        batches = iter(loader)
+        batches = start_workers(loader)
         for _ in range(iter_num % steps_per_epoch, min(steps_per_epoch, iter_num % steps_per_epoch + max_iters - iter_num)):
             lr_now = get_lr(iter_num, lr, args.min_lr, warmup_iters, max_iters)
             for g in optimizer.param_groups:

@@ -296,7 +296,8 @@ def extract_features(encoder, dataset, how, dim, batch_size, ddp_rank, ddp_world
                                          num_workers=num_workers, pin_memory=device != "cpu", collate_fn=collate,
                                          worker_init_fn=ignore_stop_signals)
     feats, j = torch.zeros(per, dim, device=device), 0
-    for flat, sizes, _, _ in tqdm(loader, desc=desc, disable=ddp_rank != 0, dynamic_ncols=True, leave=False):
+    for flat, sizes, _, _ in tqdm(start_workers(loader), total=len(loader), desc=desc, disable=ddp_rank != 0,
+                                  dynamic_ncols=True, leave=False):
         with autocast:
             f = vit.pool(encoder(to_input(flat, sizes)), how)  # (b, dim)
         feats[j:j + len(f)] = f.float()
@@ -381,9 +382,21 @@ def fit_logreg(x, y, num_classes, lam, rtol=1e-6, max_iter=10000):
 def ignore_stop_signals(worker_id):
     """worker_init_fn: SIGTERM / SIGUSR1 are the main process's to handle. timeout and SLURM signal
     every process of the job; torch's own worker handler dies on a SIGTERM that is not from its
-    parent, and the main process would then crash instead of checkpointing."""
+    parent, and the main process would then crash instead of checkpointing. Blocked until here
+    (start_workers); one that came in the meantime is dropped."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGUSR1})
+
+
+def start_workers(loader):
+    """iter(loader), with SIGTERM / SIGUSR1 blocked while it forks the workers: a worker would die of one before
+    its ignore_stop_signals; held back, it reaches the main process (the workers inherit the block)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGUSR1})
 
 
 def shut_down():
@@ -626,7 +639,7 @@ def main(args):
                 idx = order[s:s + args.batch_size]
                 yield train_feats[idx], train_labels[idx]
         else:
-            for flat, sizes, y, _ in loader:
+            for flat, sizes, y, _ in start_workers(loader):
                 with torch.no_grad(), autocast:
                     f = vit.pool(encoder(to_input(flat, sizes)), args.pool)
                 f, y = f.float().contiguous(), y.to(device)  # pooled rows are strided views; BN sums in memory order

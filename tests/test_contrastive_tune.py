@@ -140,7 +140,7 @@ def test_data_copies_agree():
         == inspect.getsource(probe.ImageFolder.load)
     # the ways out: checkpoint writing and finding, worker signals and shutdown, the one-line errors
     scripts = (mae_pretrain, nh, ct, probe, knn)
-    for name in ("UnreadableImage", "ignore_stop_signals", "shut_down", "save_atomic", "find_resume"):
+    for name in ("UnreadableImage", "ignore_stop_signals", "start_workers", "shut_down", "save_atomic", "find_resume"):
         copies = {inspect.getsource(getattr(m, name)) for m in scripts if hasattr(m, name)}
         assert len(copies) == 1 and all(hasattr(m, name) for m in scripts[:4]), name
     ends = {open(m.__file__).read().split('if __name__ == "__main__":')[1] for m in scripts}

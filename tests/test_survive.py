@@ -182,6 +182,18 @@ def test_signals_mid_run_leave_a_checkpoint_and_exit_0(s, tmp_path):
     assert load(ckpt)["iter_num"] == int(ckpt.stem.split("_")[1]) < 400 and not list(out.glob("*.tmp"))
 
 
+def test_signals_while_workers_start_reach_only_the_main_process(s, tmp_path):
+    """probe.py --cached 1 starts new workers for each feature extraction: signals from its start on
+    may come before a worker has set itself to ignore them; held back until then, they stop the run at
+    its first log step with a checkpoint, exit 0 (not 'DataLoader worker exited unexpectedly')."""
+    out, log = tmp_path / "o", tmp_path / "storm.txt"
+    p = start(argv(s, "probe.py", out, "--cached", "1", "--log_interval", "1", iters=9), log)
+    signal_storm(p, log, r"val:")
+    rc, text = finish(p, log)
+    assert rc == 0 and "stopped by signal at iteration 1;" in text, text[-3000:]
+    assert load(out / "ckpt_00000001.pt")["iter_num"] == 1
+
+
 # -----------------------------------------------------------------------------
 # 3. evaluation errors do not lose the training
 
