@@ -131,8 +131,7 @@ def random_resized_crop(rng, w, h, scale, ratio=(3 / 4, 4 / 3)):
 
 
 class UnreadableImage(RuntimeError):
-    """An image that does not decode. A DataLoader worker's arrives in the main process as UnreadableImage(the
-    worker's traceback): only its last line, the message, is kept, so that the script can print one line."""
+    """A DataLoader worker's arrives as UnreadableImage(its traceback): keep the last line, the message."""
 
     def __init__(self, msg):
         super().__init__(msg.strip().splitlines()[-1].partition("UnreadableImage: ")[2] or msg)
@@ -382,16 +381,14 @@ def fit_logreg(x, y, num_classes, lam, rtol=1e-6, max_iter=10000):
 def ignore_stop_signals(worker_id):
     """worker_init_fn: SIGTERM / SIGUSR1 are the main process's to handle. timeout and SLURM signal
     every process of the job; torch's own worker handler dies on a SIGTERM that is not from its
-    parent, and the main process would then crash instead of checkpointing. Blocked until here
-    (start_workers); one that came in the meantime is dropped."""
+    parent, and the main process would then crash instead of checkpointing. start_workers blocks them until here."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGUSR1})
 
 
 def start_workers(loader):
-    """iter(loader), with SIGTERM / SIGUSR1 blocked while it forks the workers: a worker would die of one before
-    its ignore_stop_signals; held back, it reaches the main process (the workers inherit the block)."""
+    """iter(loader), SIGTERM / SIGUSR1 held back while it forks workers: one would die of them before ignoring them."""
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})
     try:
         return iter(loader)
@@ -400,10 +397,9 @@ def start_workers(loader):
 
 
 def shut_down():
-    """Every way out of the script (__main__'s finally). The workers ignore SIGTERM, so the loader's and
-    multiprocessing's exit (SIGTERM, then join) would wait for them forever: SIGKILL them, with torch's SIGCHLD
-    handler off first (it would raise for the killed workers). A stop signal from now on has nothing to stop: ignored,
-    also through the interpreter's exit, which would otherwise restore the default action (death by the signal)."""
+    """Every way out (__main__'s finally). The workers ignore SIGTERM, which the loader's and multiprocessing's exit
+    send before joining them: SIGKILL them, torch's SIGCHLD handler off (it would raise). A stop signal is ignored
+    from now on: during the exit the interpreter restores its default action, which would kill the process."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -421,8 +417,8 @@ def get_lr(it, lr, min_lr, warmup_iters, max_iters):
 
 
 def save_atomic(obj, path):
-    """Write to a temp file, flush it to the disk, then rename: a crash or a full disk mid-write leaves the previous
-    file intact. A failed write (no space left, a quota) removes the temp file and stops with one line."""
+    """Write to a temp file, flush it to the disk, then rename: a crash or a full disk mid-write leaves the
+    previous file intact; a failed write (no space left, a quota) removes the temp file, one line."""
     try:
         with open(path + ".tmp", "wb") as f:
             torch.save(obj, f)
@@ -435,8 +431,7 @@ def save_atomic(obj, path):
             raise
         if os.path.exists(path + ".tmp"):
             os.remove(path + ".tmp")
-        fail(f"cannot write {path}: {os_error.strerror or os_error} (the partial file is removed, earlier checkpoints "
-             f"are intact)")
+        fail(f"cannot write {path}: {os_error.strerror or os_error} (earlier checkpoints are intact)")
 
 
 def find_resume(resume, out_dir, final_name, stage):
