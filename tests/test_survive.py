@@ -132,12 +132,15 @@ def signal_storm(p, log, pattern):
     matching `pattern` on, every 20 ms until the run ends: twice in a row, during checkpoint writes,
     after the last iteration, during the exit."""
     wait_for(log, pattern, p)
+    sent = 0
     while p.poll() is None:
         try:
             os.killpg(p.pid, signal.SIGTERM)
         except ProcessLookupError:
             break
+        sent += 1
         time.sleep(0.02)
+    assert sent >= 2, "the run ended before the signals"
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
