@@ -17,8 +17,10 @@ import atexit
 import fcntl
 import json
 import math
+import multiprocessing
 import os
 import re
+import signal
 import socket
 import sys
 from contextlib import nullcontext
@@ -56,8 +58,8 @@ parser.add_argument("--num_workers", type=int, default=8, help="data loader proc
 parser.add_argument("--skip_bad_images", type=int, default=0, help="1: log unreadable images and use another")
 
 
-def fail(msg):  # one clear line, every rank stops
-    print(f"error: {msg}", file=sys.stderr)
+def fail(msg):  # one clear line (on a line of its own under a progress bar), every rank stops
+    tqdm.write(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -112,6 +114,12 @@ def to_rgb(img):
         raise OSError(f"mode {img.mode} values span [{a.min():g}, {a.max():g}], outside [0, {hi}] (save it as RGB)")
     return Image.fromarray(np.rint(a * scale).astype(np.uint8)).convert("RGB")
 
+class UnreadableImage(RuntimeError):
+    """A DataLoader worker's arrives as UnreadableImage(its traceback): keep the last line, the message."""
+
+    def __init__(self, msg):
+        super().__init__(msg.strip().splitlines()[-1].partition("UnreadableImage: ")[2] or msg)
+
 
 class ImageFolder(torch.utils.data.Dataset):
     """Items are (epoch, index) pairs, as in every stage script. Evaluation only: the centre box of
@@ -148,10 +156,10 @@ class ImageFolder(torch.utils.data.Dataset):
                 return [img.crop(tuple(min(round(v / k), s) for v, s in zip(b, img.size * 2))) for b in boxes], label
             except (OSError, Image.DecompressionBombError) as e:  # the bomb: over twice Image.MAX_IMAGE_PIXELS
                 if not self.skip_bad:
-                    raise RuntimeError(f"unreadable image {path}: {e} (use --skip_bad_images 1 to skip such files)") from None
+                    raise UnreadableImage(f"unreadable image {path}: {e} (use --skip_bad_images 1 to skip such files)") from None
                 self.bad += 1
                 print(f"warning: skipping unreadable image {path} ({e}); {self.bad} skipped in this worker", file=sys.stderr)
-        raise RuntimeError("no readable image in the dataset")
+        raise UnreadableImage("no readable image in the dataset")
 
     def __getitem__(self, item):
         epoch, i = item
@@ -193,9 +201,11 @@ def extract_features(encoder, dataset, how, dim, batch_size, ddp_rank, ddp_world
     per = -(-n // ddp_world_size)  # images per rank; the short ranks' last row stays zero (padding)
     shard = [(0, i) for i in range(ddp_rank, n, ddp_world_size)]
     loader = torch.utils.data.DataLoader(dataset, batch_size=max(1, batch_size // ddp_world_size), sampler=shard,
-                                         num_workers=num_workers, pin_memory=device != "cpu", collate_fn=collate)
+                                         num_workers=num_workers, pin_memory=device != "cpu", collate_fn=collate,
+                                         worker_init_fn=ignore_stop_signals)
     feats, j = torch.zeros(per, dim, device=device), 0
-    for flat, sizes, _, _ in tqdm(loader, desc=desc, disable=ddp_rank != 0, dynamic_ncols=True, leave=False):
+    for flat, sizes, _, _ in tqdm(start_workers(loader), total=len(loader), desc=desc, disable=ddp_rank != 0,
+                                  dynamic_ncols=True, leave=False):
         with autocast:
             f = vit.pool(encoder(to_input(flat, sizes)), how)  # (b, dim)
         feats[j:j + len(f)] = f.float()
@@ -289,6 +299,39 @@ def lock_out_dir(out_dir):
 
 
 # -----------------------------------------------------------------------------
+# small helpers shared in shape by every stage script
+
+def ignore_stop_signals(worker_id):
+    """worker_init_fn: SIGTERM / SIGUSR1 are the main process's to handle. timeout and SLURM signal
+    every process of the job; torch's own worker handler dies on a SIGTERM that is not from its
+    parent, and the main process would then crash instead of checkpointing. start_workers blocks them until here."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGUSR1})
+
+
+def start_workers(loader):
+    """iter(loader), SIGTERM / SIGUSR1 held back while it forks workers: one would die of them before ignoring them."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGUSR1})
+
+
+def shut_down():
+    """Every way out (__main__'s finally). The workers ignore SIGTERM, which the loader's and multiprocessing's exit
+    send before joining them: SIGKILL them, torch's SIGCHLD handler off (it would raise). A stop signal is ignored
+    from now on: during the exit the interpreter restores its default action, which would kill the process."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for p in multiprocessing.active_children():
+        p.kill()
+        p.join()
+
+
+# -----------------------------------------------------------------------------
 def main(args):
     check_flags(args, [  # every flag's range, before anything runs: (flags, wanted, test)
         ("k batch_size chunk", ">= 1", lambda v: v >= 1),
@@ -353,8 +396,8 @@ def main(args):
         feats = [extract_features(encoder, ds, args.pool, model_args["dim"], args.batch_size, ddp_rank, ddp_world_size,
                                   device, autocast, to_input, args.num_workers, desc)
                  for ds, desc in ((bank_set, "bank"), (query_set, "queries"))]
-    except RuntimeError as e:  # a DataLoader worker re-raises with its traceback: keep the last line
-        fail(str(e).strip().splitlines()[-1])
+    except UnreadableImage as e:
+        fail(str(e))
     bank, queries = prepare_features(*feats, standardize=bool(args.standardize))
     bank_labels = torch.tensor([c for _, c in bank_set.samples], device=device)
     query_labels = torch.tensor([c for _, c in query_set.samples], device=device)
@@ -378,4 +421,9 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parser.parse_args())
+    try:
+        main(parser.parse_args())
+    except UnreadableImage as e:  # one line, as for every bad input
+        fail(str(e))
+    finally:
+        shut_down()

@@ -15,6 +15,7 @@ import fcntl
 import glob
 import json
 import math
+import multiprocessing
 import os
 import random
 import re
@@ -73,9 +74,14 @@ parser.add_argument("--keep_last", type=int, default=2, help="periodic checkpoin
 parser.add_argument("--skip_bad_images", type=int, default=0, help="1: log unreadable images and use another")
 parser.add_argument("--max_iters", type=int, default=0, help="stop after this many iterations (0 = epochs)")
 
+# flags a resumed run must share with the checkpoint it continues (the run's length may change)
+RESUME_FLAGS = ("model", "img_size", "patch_size", "dim", "depth", "heads", "dec_dim", "dec_depth", "dec_heads",
+                "mask_ratio", "norm_pix_loss", "views", "warmup_epochs", "batch_size", "blr", "min_lr", "weight_decay",
+                "seed")
 
-def fail(msg):  # one clear line, every rank stops
-    print(f"error: {msg}", file=sys.stderr)
+
+def fail(msg):  # one clear line (on a line of its own under a progress bar), every rank stops
+    tqdm.write(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -147,6 +153,13 @@ def random_resized_crop(rng, w, h, scale, ratio=(3 / 4, 4 / 3)):
     return (w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch
 
 
+class UnreadableImage(RuntimeError):
+    """A DataLoader worker's arrives as UnreadableImage(its traceback): keep the last line, the message."""
+
+    def __init__(self, msg):
+        super().__init__(msg.strip().splitlines()[-1].partition("UnreadableImage: ")[2] or msg)
+
+
 class ImageFolder(torch.utils.data.Dataset):
     """Items are (epoch, index) pairs from the sampler, so each augmentation is a function of
     (seed, epoch, index) alone: any worker count, any restart, the same crops. resize=False: the crops
@@ -181,10 +194,10 @@ class ImageFolder(torch.utils.data.Dataset):
                 return [img.crop(tuple(min(round(v / k), s) for v, s in zip(b, img.size * 2))) for b in boxes], label
             except (OSError, Image.DecompressionBombError) as e:  # the bomb: over twice Image.MAX_IMAGE_PIXELS
                 if not self.skip_bad:
-                    raise RuntimeError(f"unreadable image {path}: {e} (use --skip_bad_images 1 to skip such files)") from None
+                    raise UnreadableImage(f"unreadable image {path}: {e} (use --skip_bad_images 1 to skip such files)") from None
                 self.bad += 1
                 print(f"warning: skipping unreadable image {path} ({e}); {self.bad} skipped in this worker", file=sys.stderr)
-        raise RuntimeError("no readable image in the dataset")
+        raise UnreadableImage("no readable image in the dataset")
 
     def __getitem__(self, item):
         epoch, i = item
@@ -246,9 +259,31 @@ class ShardSampler(torch.utils.data.Sampler):
 def ignore_stop_signals(worker_id):
     """worker_init_fn: SIGTERM / SIGUSR1 are the main process's to handle. timeout and SLURM signal
     every process of the job; torch's own worker handler dies on a SIGTERM that is not from its
-    parent, and the main process would then crash instead of checkpointing."""
+    parent, and the main process would then crash instead of checkpointing. start_workers blocks them until here."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGUSR1})
+
+
+def start_workers(loader):
+    """iter(loader), SIGTERM / SIGUSR1 held back while it forks workers: one would die of them before ignoring them."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGUSR1})
+
+
+def shut_down():
+    """Every way out (__main__'s finally). The workers ignore SIGTERM, which the loader's and multiprocessing's exit
+    send before joining them: SIGKILL them, torch's SIGCHLD handler off (it would raise). A stop signal is ignored
+    from now on: during the exit the interpreter restores its default action, which would kill the process."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for p in multiprocessing.active_children():
+        p.kill()
+        p.join()
 
 
 # -----------------------------------------------------------------------------
@@ -324,9 +359,21 @@ def get_lr(it, lr, min_lr, warmup_iters, max_iters):
 
 
 def save_atomic(obj, path):
-    """Write to a temp file, then rename: a crash mid-write leaves the previous file intact."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    """Write to a temp file, flush it to the disk, then rename: a crash or a full disk mid-write leaves the
+    previous file intact; a failed write (no space left, a quota) removes the temp file, one line."""
+    try:
+        with open(path + ".tmp", "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:  # torch.save's zip writer can turn a failed write into a RuntimeError
+        os_error = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(os_error, OSError):
+            raise
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        fail(f"cannot write {path}: {os_error.strerror or os_error} (earlier checkpoints are intact)")
 
 
 def lock_out_dir(out_dir):
@@ -361,15 +408,29 @@ def lock_out_dir(out_dir):
     atexit.register(lambda: os.getpid() == pid and os.path.exists(path) and os.remove(path))  # not in forked workers
 
 
-def find_resume(resume, out_dir, final_name):
-    """--resume auto: the finished run's file, else the newest periodic checkpoint, else none."""
+def find_resume(resume, out_dir, final_name, stage):
+    """-> (path, checkpoint) to continue, or ("", None). --resume auto: the finished run's file, else the newest
+    periodic checkpoint; one that does not read (truncated, another stage's) gives way to the one before it."""
     if resume != "auto":
-        return resume
-    final, found = os.path.join(out_dir, final_name), sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))
-    return final if os.path.exists(final) else found[-1] if found else ""
+        return resume, vit.load_checkpoint(resume, expect=stage) if resume else None
+    final = os.path.join(out_dir, final_name)
+    paths = [final] * os.path.exists(final) + sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))[::-1]
+    for path, previous in zip(paths, paths[1:] + [None]):
+        try:
+            return path, vit.load_checkpoint(path, expect=stage)
+        except ValueError as e:
+            if previous is None:
+                raise
+            if int(os.environ.get("RANK", 0)) == 0:
+                print(f"warning: {e}; resuming from the previous checkpoint {previous}", file=sys.stderr)
+    return "", None
 
 # -----------------------------------------------------------------------------
 def main(args):
+    # preemption: SLURM and most schedulers send SIGTERM or SIGUSR1; stop at the next log step and checkpoint
+    stop_signal = []
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, lambda signum, frame: stop_signal.append(signum))
     check_flags(args, [  # every flag's range, before anything runs: (flags, wanted, test)
         ("epochs batch_size views grad_accum log_interval eval_interval ckpt_interval", ">= 1", lambda v: v >= 1),
         ("img_size dec_dim dec_depth dec_heads", ">= 1", lambda v: v >= 1),
@@ -402,10 +463,6 @@ def main(args):
     out_dir = args.out_dir
     if master_process:
         lock_out_dir(out_dir)
-    # preemption: SLURM and most schedulers send SIGTERM or SIGUSR1; stop at the next log step and checkpoint
-    stop_signal = []
-    for s in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(s, lambda signum, frame: stop_signal.append(signum))
 
     # data: every check before any training starts
     for split in ("train", "val"):
@@ -430,9 +487,11 @@ def main(args):
         return (crops_to_batch(flat, sizes, args.img_size, device) - mean) / std
 
     # model: fresh, from --init (encoder, + decoder where the file has one), or resumed
-    resume_path = find_resume(args.resume, out_dir, "mae.pt")
     try:
-        ckpt = vit.load_checkpoint(resume_path, expect="mae") if resume_path else None
+        resume_path, ckpt = find_resume(args.resume, out_dir, "mae.pt", "mae")
+        for k in RESUME_FLAGS if ckpt is not None else ():
+            if ckpt["args"].get(k) != getattr(args, k):
+                fail(f"{resume_path} was made with --{k} {ckpt['args'].get(k)}, this run has --{k} {getattr(args, k)}")
         if ckpt is not None:
             model_args, dec_args = ckpt["model_args"], ckpt["dec_args"]
         else:
@@ -524,6 +583,20 @@ def main(args):
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)
         return bool(stop.item())
 
+    def save(name):  # every rank checks, rank 0 writes; the newest keep_last periodic checkpoints are kept
+        check_finite()
+        if master_process:
+            save_atomic(checkpoint(), os.path.join(out_dir, name))
+            for old in sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))[:-args.keep_last]:
+                os.remove(old)
+
+    def validate():
+        check_finite()  # every rank; no val loss or picture from non-finite weights
+        if master_process:
+            val_loss = evaluate()
+            log(dict(iter=iter_num, val_loss=round(val_loss, 5)))
+            pbar.write(f"iter {iter_num}: val loss {val_loss:.4f}")
+
     # training loop
     if master_process:
         n_params = sum(p.numel() for p in model.parameters())
@@ -534,7 +607,7 @@ def main(args):
     t0, imgs_seen = time.time(), 0
     while iter_num < max_iters:
         sampler.set_epoch(iter_num // steps_per_epoch, start_step=iter_num % steps_per_epoch)
-        batches = iter(loader)
+        batches = start_workers(loader)
         for _ in range(iter_num % steps_per_epoch, min(steps_per_epoch, iter_num % steps_per_epoch + max_iters - iter_num)):
             lr_now = get_lr(iter_num, lr, args.min_lr, warmup_iters, max_iters)
             for g in optimizer.param_groups:
@@ -573,19 +646,13 @@ def main(args):
                 if master_process:
                     log(entry)
                 t0, imgs_seen = time.time(), 0
-            if iter_num % args.eval_interval == 0 or iter_num == max_iters:
-                check_finite()  # every rank; no val loss or picture from non-finite weights
-                if master_process:
-                    val_loss = evaluate()
-                    log(dict(iter=iter_num, val_loss=round(val_loss, 5)))
-                    pbar.write(f"iter {iter_num}: val loss {val_loss:.4f}")
-            stop = at_log and stop_requested()
+            # the one save-or-stop path: a stop is read at log steps before the last; the checkpoint due at a step
+            # is written before its evaluation, so that a bad val image cannot cost the training
+            stop = at_log and iter_num < max_iters and stop_requested()
             if iter_num < max_iters and (iter_num % args.ckpt_interval == 0 or stop):
-                check_finite()
-                if master_process:
-                    save_atomic(checkpoint(), os.path.join(out_dir, f"ckpt_{iter_num:08d}.pt"))
-                    for old in sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))[:-args.keep_last]:
-                        os.remove(old)
+                save(f"ckpt_{iter_num:08d}.pt")
+            if iter_num < max_iters and iter_num % args.eval_interval == 0:
+                validate()
             if stop:
                 if master_process:
                     pbar.write(f"stopped by signal at iteration {iter_num}; to continue, run the same command with --resume auto")
@@ -594,14 +661,19 @@ def main(args):
                     dist.destroy_process_group()
                 sys.exit(0)
     pbar.close()
-    check_finite()
+    save("mae.pt")  # the final file, then the last evaluation
     if master_process:
-        save_atomic(checkpoint(), os.path.join(out_dir, "mae.pt"))
         print(f"wrote {os.path.join(out_dir, 'mae.pt')}")
+    validate()
     if ddp:
         dist.barrier()  # rank 0 may still be writing; leave together (gloo aborts otherwise)
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(parser.parse_args())
+    try:
+        main(parser.parse_args())
+    except UnreadableImage as e:  # one line, as for every bad input
+        fail(str(e))
+    finally:
+        shut_down()

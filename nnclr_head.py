@@ -19,6 +19,7 @@ import fcntl
 import glob
 import json
 import math
+import multiprocessing
 import os
 import random
 import re
@@ -74,9 +75,13 @@ parser.add_argument("--keep_last", type=int, default=2, help="periodic checkpoin
 parser.add_argument("--skip_bad_images", type=int, default=0, help="1: log unreadable images and use another")
 parser.add_argument("--max_iters", type=int, default=0, help="stop after this many iterations (0 = epochs)")
 
+# flags a resumed run must share with the checkpoint it continues (the run's length may change)
+RESUME_FLAGS = ("img_size", "pool", "proj_hidden", "proj_dim", "pred_hidden", "queue_size", "temperature", "aug",
+                "warmup_epochs", "batch_size", "blr", "min_lr", "weight_decay", "seed")
 
-def fail(msg):  # one clear line, every rank stops
-    print(f"error: {msg}", file=sys.stderr)
+
+def fail(msg):  # one clear line (on a line of its own under a progress bar), every rank stops
+    tqdm.write(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -189,6 +194,13 @@ def strong_aug(img, rng, view):
     return img
 
 
+class UnreadableImage(RuntimeError):
+    """A DataLoader worker's arrives as UnreadableImage(its traceback): keep the last line, the message."""
+
+    def __init__(self, msg):
+        super().__init__(msg.strip().splitlines()[-1].partition("UnreadableImage: ")[2] or msg)
+
+
 class ImageFolder(torch.utils.data.Dataset):
     """Items are (epoch, index) pairs from the sampler, so each augmentation is a function of
     (seed, epoch, index) alone: any worker count, any restart, the same views. resize=False: the crops
@@ -226,10 +238,10 @@ class ImageFolder(torch.utils.data.Dataset):
                 return [img.crop(tuple(min(round(v / k), s) for v, s in zip(b, img.size * 2))) for b in boxes], self.samples[j][1], j
             except (OSError, Image.DecompressionBombError) as e:  # the bomb: over twice Image.MAX_IMAGE_PIXELS
                 if not self.skip_bad:
-                    raise RuntimeError(f"unreadable image {path}: {e} (use --skip_bad_images 1 to skip such files)") from None
+                    raise UnreadableImage(f"unreadable image {path}: {e} (use --skip_bad_images 1 to skip such files)") from None
                 self.bad += 1
                 print(f"warning: skipping unreadable image {path} ({e}); {self.bad} skipped in this worker", file=sys.stderr)
-        raise RuntimeError("no readable image in the dataset")
+        raise UnreadableImage("no readable image in the dataset")
 
     def __getitem__(self, item):
         epoch, i = item
@@ -419,9 +431,31 @@ def build_encoder(path, img_size=0, heads=0):
 def ignore_stop_signals(worker_id):
     """worker_init_fn: SIGTERM / SIGUSR1 are the main process's to handle. timeout and SLURM signal
     every process of the job; torch's own worker handler dies on a SIGTERM that is not from its
-    parent, and the main process would then crash instead of checkpointing."""
+    parent, and the main process would then crash instead of checkpointing. start_workers blocks them until here."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGUSR1})
+
+
+def start_workers(loader):
+    """iter(loader), SIGTERM / SIGUSR1 held back while it forks workers: one would die of them before ignoring them."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGUSR1})
+
+
+def shut_down():
+    """Every way out (__main__'s finally). The workers ignore SIGTERM, which the loader's and multiprocessing's exit
+    send before joining them: SIGKILL them, torch's SIGCHLD handler off (it would raise). A stop signal is ignored
+    from now on: during the exit the interpreter restores its default action, which would kill the process."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for p in multiprocessing.active_children():
+        p.kill()
+        p.join()
 
 
 # -----------------------------------------------------------------------------
@@ -437,9 +471,21 @@ def get_lr(it, lr, min_lr, warmup_iters, max_iters):
 
 
 def save_atomic(obj, path):
-    """Write to a temp file, then rename: a crash mid-write leaves the previous file intact."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    """Write to a temp file, flush it to the disk, then rename: a crash or a full disk mid-write leaves the
+    previous file intact; a failed write (no space left, a quota) removes the temp file, one line."""
+    try:
+        with open(path + ".tmp", "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:  # torch.save's zip writer can turn a failed write into a RuntimeError
+        os_error = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(os_error, OSError):
+            raise
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        fail(f"cannot write {path}: {os_error.strerror or os_error} (earlier checkpoints are intact)")
 
 
 def lock_out_dir(out_dir):
@@ -474,15 +520,29 @@ def lock_out_dir(out_dir):
     atexit.register(lambda: os.getpid() == pid and os.path.exists(path) and os.remove(path))  # not in forked workers
 
 
-def find_resume(resume, out_dir, final_name):
-    """--resume auto: the finished run's file, else the newest periodic checkpoint, else none."""
+def find_resume(resume, out_dir, final_name, stage):
+    """-> (path, checkpoint) to continue, or ("", None). --resume auto: the finished run's file, else the newest
+    periodic checkpoint; one that does not read (truncated, another stage's) gives way to the one before it."""
     if resume != "auto":
-        return resume
-    final, found = os.path.join(out_dir, final_name), sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))
-    return final if os.path.exists(final) else found[-1] if found else ""
+        return resume, vit.load_checkpoint(resume, expect=stage) if resume else None
+    final = os.path.join(out_dir, final_name)
+    paths = [final] * os.path.exists(final) + sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))[::-1]
+    for path, previous in zip(paths, paths[1:] + [None]):
+        try:
+            return path, vit.load_checkpoint(path, expect=stage)
+        except ValueError as e:
+            if previous is None:
+                raise
+            if int(os.environ.get("RANK", 0)) == 0:
+                print(f"warning: {e}; resuming from the previous checkpoint {previous}", file=sys.stderr)
+    return "", None
 
 # -----------------------------------------------------------------------------
 def main(args):
+    # preemption: SLURM and most schedulers send SIGTERM or SIGUSR1; stop at the next log step and checkpoint
+    stop_signal = []
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, lambda signum, frame: stop_signal.append(signum))
     check_flags(args, [  # every flag's range, before anything runs: (flags, wanted, test)
         ("epochs batch_size grad_accum log_interval ckpt_interval", ">= 1", lambda v: v >= 1),
         ("queue_size proj_hidden proj_dim pred_hidden", ">= 1", lambda v: v >= 1),
@@ -517,15 +577,13 @@ def main(args):
     out_dir = args.out_dir
     if master_process:
         lock_out_dir(out_dir)
-    # preemption: SLURM and most schedulers send SIGTERM or SIGUSR1; stop at the next log step and checkpoint
-    stop_signal = []
-    for s in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(s, lambda signum, frame: stop_signal.append(signum))
 
     # encoder (frozen) and head: fresh from --init, or resumed (the encoder always comes from its file)
-    resume_path = find_resume(args.resume, out_dir, "head.pt")
     try:
-        ckpt = vit.load_checkpoint(resume_path, expect="nnclr_head") if resume_path else None
+        resume_path, ckpt = find_resume(args.resume, out_dir, "head.pt", "nnclr_head")
+        for k in RESUME_FLAGS if ckpt is not None else ():
+            if ckpt["args"].get(k) != getattr(args, k):
+                fail(f"{resume_path} was made with --{k} {ckpt['args'].get(k)}, this run has --{k} {getattr(args, k)}")
         init = args.init or (ckpt["encoder_init"] if ckpt is not None else "")
         if not init:
             raise ValueError("--init (the encoder checkpoint, e.g. mae.pt) is required")
@@ -624,6 +682,14 @@ def main(args):
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)
         return bool(stop.item())
 
+    def save(name):  # every rank checks, rank 0 writes; the newest keep_last periodic checkpoints are kept
+        check_finite()
+        flush_acc()
+        if master_process:
+            save_atomic(checkpoint(), os.path.join(out_dir, name))
+            for old in sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))[:-args.keep_last]:
+                os.remove(old)
+
     # training loop
     if master_process:
         n_params = sum(p.numel() for p in raw_model.parameters())
@@ -635,7 +701,7 @@ def main(args):
     t0, imgs_seen = time.time(), 0
     while iter_num < max_iters:
         sampler.set_epoch(iter_num // steps_per_epoch, start_step=iter_num % steps_per_epoch)
-        batches = iter(loader)
+        batches = start_workers(loader)
         for _ in range(iter_num % steps_per_epoch, min(steps_per_epoch, iter_num % steps_per_epoch + max_iters - iter_num)):
             lr_now = get_lr(iter_num, lr, args.min_lr, warmup_iters, max_iters)
             for g in optimizer.param_groups:
@@ -686,14 +752,10 @@ def main(args):
                 if master_process:
                     log(dict(iter=iter_num, epoch=iter_num // steps_per_epoch, nn_acc_epoch=round(nn_acc_epoch, 4)))
                     pbar.write(f"epoch {iter_num // steps_per_epoch}: nearest-neighbour accuracy {nn_acc_epoch:.4f}")
-            stop = at_log and stop_requested()
+            # the one save-or-stop path: a stop is read at log steps before the last (the last writes the final file)
+            stop = at_log and iter_num < max_iters and stop_requested()
             if iter_num < max_iters and (iter_num % args.ckpt_interval == 0 or stop):
-                check_finite()
-                flush_acc()
-                if master_process:
-                    save_atomic(checkpoint(), os.path.join(out_dir, f"ckpt_{iter_num:08d}.pt"))
-                    for old in sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))[:-args.keep_last]:
-                        os.remove(old)
+                save(f"ckpt_{iter_num:08d}.pt")
             if stop:
                 if master_process:
                     pbar.write(f"stopped by signal at iteration {iter_num}; to continue, run the same command with --resume auto")
@@ -702,10 +764,8 @@ def main(args):
                     dist.destroy_process_group()
                 sys.exit(0)
     pbar.close()
-    check_finite()
-    flush_acc()
+    save("head.pt")
     if master_process:
-        save_atomic(checkpoint(), os.path.join(out_dir, "head.pt"))
         print(f"wrote {os.path.join(out_dir, 'head.pt')}")
     if ddp:
         dist.barrier()  # rank 0 may still be writing; leave together (gloo aborts otherwise)
@@ -713,4 +773,9 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parser.parse_args())
+    try:
+        main(parser.parse_args())
+    except UnreadableImage as e:  # one line, as for every bad input
+        fail(str(e))
+    finally:
+        shut_down()

@@ -34,6 +34,7 @@ import fcntl
 import glob
 import json
 import math
+import multiprocessing
 import os
 import random
 import re
@@ -101,8 +102,8 @@ RESUME_FLAGS = ("init", "which", "pool", "img_size", "crop_pct", "batch_size", "
                 "train_list", "per_class", "seed")
 
 
-def fail(msg):  # one clear line, every rank stops
-    print(f"error: {msg}", file=sys.stderr)
+def fail(msg):  # one clear line (on a line of its own under a progress bar), every rank stops
+    tqdm.write(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -174,6 +175,13 @@ def random_resized_crop(rng, w, h, scale, ratio=(3 / 4, 4 / 3)):
     return (w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch
 
 
+class UnreadableImage(RuntimeError):
+    """A DataLoader worker's arrives as UnreadableImage(its traceback): keep the last line, the message."""
+
+    def __init__(self, msg):
+        super().__init__(msg.strip().splitlines()[-1].partition("UnreadableImage: ")[2] or msg)
+
+
 class ImageFolder(torch.utils.data.Dataset):
     """Items are (epoch, index) pairs from the sampler, so each augmentation is a function of
     (seed, epoch, index) alone: any worker count, any restart, the same crops.
@@ -211,10 +219,10 @@ class ImageFolder(torch.utils.data.Dataset):
                 return [img.crop(tuple(min(round(v / k), s) for v, s in zip(b, img.size * 2))) for b in boxes], label
             except (OSError, Image.DecompressionBombError) as e:  # the bomb: over twice Image.MAX_IMAGE_PIXELS
                 if not self.skip_bad:
-                    raise RuntimeError(f"unreadable image {path}: {e} (use --skip_bad_images 1 to skip such files)") from None
+                    raise UnreadableImage(f"unreadable image {path}: {e} (use --skip_bad_images 1 to skip such files)") from None
                 self.bad += 1
                 print(f"warning: skipping unreadable image {path} ({e}); {self.bad} skipped in this worker", file=sys.stderr)
-        raise RuntimeError("no readable image in the dataset")
+        raise UnreadableImage("no readable image in the dataset")
 
     def __getitem__(self, item):
         epoch, i = item
@@ -329,9 +337,11 @@ def extract_features(encoder, dataset, how, dim, batch_size, ddp_rank, ddp_world
     per = -(-n // ddp_world_size)  # images per rank; the short ranks' last row stays zero (padding)
     shard = [(0, i) for i in range(ddp_rank, n, ddp_world_size)]
     loader = torch.utils.data.DataLoader(dataset, batch_size=max(1, batch_size // ddp_world_size), sampler=shard,
-                                         num_workers=num_workers, pin_memory=device != "cpu", collate_fn=collate)
+                                         num_workers=num_workers, pin_memory=device != "cpu", collate_fn=collate,
+                                         worker_init_fn=ignore_stop_signals)
     feats, j = torch.zeros(per, dim, device=device), 0
-    for flat, sizes, _, _ in tqdm(loader, desc=desc, disable=ddp_rank != 0, dynamic_ncols=True, leave=False):
+    for flat, sizes, _, _ in tqdm(start_workers(loader), total=len(loader), desc=desc, disable=ddp_rank != 0,
+                                  dynamic_ncols=True, leave=False):
         with autocast:
             f = vit.pool(encoder(to_input(flat, sizes)), how)  # (b, dim)
         feats[j:j + len(f)] = f.float()
@@ -462,9 +472,31 @@ def fit_logreg(x, y, num_classes, lam, rtol=1e-6, max_iter=10000):
 def ignore_stop_signals(worker_id):
     """worker_init_fn: SIGTERM / SIGUSR1 are the main process's to handle. timeout and SLURM signal
     every process of the job; torch's own worker handler dies on a SIGTERM that is not from its
-    parent, and the main process would then crash instead of checkpointing."""
+    parent, and the main process would then crash instead of checkpointing. start_workers blocks them until here."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGUSR1})
+
+
+def start_workers(loader):
+    """iter(loader), SIGTERM / SIGUSR1 held back while it forks workers: one would die of them before ignoring them."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGUSR1})
+
+
+def shut_down():
+    """Every way out (__main__'s finally). The workers ignore SIGTERM, which the loader's and multiprocessing's exit
+    send before joining them: SIGKILL them, torch's SIGCHLD handler off (it would raise). A stop signal is ignored
+    from now on: during the exit the interpreter restores its default action, which would kill the process."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for p in multiprocessing.active_children():
+        p.kill()
+        p.join()
 
 
 def get_lr(it, lr, min_lr, warmup_iters, max_iters):
@@ -477,9 +509,21 @@ def get_lr(it, lr, min_lr, warmup_iters, max_iters):
 
 
 def save_atomic(obj, path):
-    """Write to a temp file, then rename: a crash mid-write leaves the previous file intact."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    """Write to a temp file, flush it to the disk, then rename: a crash or a full disk mid-write leaves the
+    previous file intact; a failed write (no space left, a quota) removes the temp file, one line."""
+    try:
+        with open(path + ".tmp", "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:  # torch.save's zip writer can turn a failed write into a RuntimeError
+        os_error = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(os_error, OSError):
+            raise
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        fail(f"cannot write {path}: {os_error.strerror or os_error} (earlier checkpoints are intact)")
 
 
 def lock_out_dir(out_dir):
@@ -514,15 +558,29 @@ def lock_out_dir(out_dir):
     atexit.register(lambda: os.getpid() == pid and os.path.exists(path) and os.remove(path))  # not in forked workers
 
 
-def find_resume(resume, out_dir, final_name):
-    """--resume auto: the finished run's file, else the newest periodic checkpoint, else none."""
+def find_resume(resume, out_dir, final_name, stage):
+    """-> (path, checkpoint) to continue, or ("", None). --resume auto: the finished run's file, else the newest
+    periodic checkpoint; one that does not read (truncated, another stage's) gives way to the one before it."""
     if resume != "auto":
-        return resume
-    final, found = os.path.join(out_dir, final_name), sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))
-    return final if os.path.exists(final) else found[-1] if found else ""
+        return resume, vit.load_checkpoint(resume, expect=stage) if resume else None
+    final = os.path.join(out_dir, final_name)
+    paths = [final] * os.path.exists(final) + sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))[::-1]
+    for path, previous in zip(paths, paths[1:] + [None]):
+        try:
+            return path, vit.load_checkpoint(path, expect=stage)
+        except ValueError as e:
+            if previous is None:
+                raise
+            if int(os.environ.get("RANK", 0)) == 0:
+                print(f"warning: {e}; resuming from the previous checkpoint {previous}", file=sys.stderr)
+    return "", None
 
 # -----------------------------------------------------------------------------
 def main(args):
+    # preemption: SLURM and most schedulers send SIGTERM or SIGUSR1; stop at the next log step and checkpoint
+    stop_signal = []
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, lambda signum, frame: stop_signal.append(signum))
     check_flags(args, [  # every flag's range, before anything runs: (flags, wanted, test)
         ("epochs batch_size eval_every log_interval ckpt_interval", ">= 1", lambda v: v >= 1),
         ("max_iters num_workers keep_last img_size per_class min_lr weight_decay heads", ">= 0", lambda v: v >= 0),
@@ -560,10 +618,6 @@ def main(args):
     out_dir = args.out_dir
     if master_process:
         lock_out_dir(out_dir)
-    # preemption: SLURM and most schedulers send SIGTERM or SIGUSR1; stop at the next log step and checkpoint
-    stop_signal = []
-    for s in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(s, lambda signum, frame: stop_signal.append(signum))
 
     # encoder and data: every check before any feature is extracted
     try:
@@ -609,8 +663,8 @@ def main(args):
         try:
             return extract_features(encoder, dataset, args.pool, D, args.batch_size, ddp_rank, ddp_world_size, device,
                                     autocast, to_input, args.num_workers, desc)
-        except RuntimeError as e:  # a DataLoader worker re-raises with its traceback: keep the last line
-            fail(str(e).strip().splitlines()[-1])
+        except UnreadableImage as e:
+            fail(str(e))
 
     def labels_of(dataset):
         return torch.tensor([c for _, c in dataset.samples], device=device)
@@ -690,15 +744,14 @@ def main(args):
     iter_num = 0
     best = dict(head=None, blr=None, lr=None, top1=-1.0, top5=-1.0, epoch=None)  # over heads and evaluations
     head_best, last = [-1.0] * H, None  # each head's best top-1; the last evaluation
-    resume_path = find_resume(args.resume, out_dir, "probe.pt")
-    if resume_path:
-        try:
-            ckpt = vit.load_checkpoint(resume_path, expect="probe")
-        except (ValueError, FileNotFoundError) as e:
-            fail(str(e))
-        for k in RESUME_FLAGS:
-            if ckpt["args"][k] != getattr(args, k):
-                fail(f"{resume_path} was made with --{k} {ckpt['args'][k]}, this run has --{k} {getattr(args, k)}")
+    try:
+        resume_path, ckpt = find_resume(args.resume, out_dir, "probe.pt", "probe")
+        for k in RESUME_FLAGS if ckpt is not None else ():
+            if ckpt["args"].get(k) != getattr(args, k):
+                fail(f"{resume_path} was made with --{k} {ckpt['args'].get(k)}, this run has --{k} {getattr(args, k)}")
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    if ckpt is not None:
         heads.load_state_dict(ckpt["heads"])
         optimizer.load_state_dict(ckpt["optimizer"])
         iter_num, head_best, last = ckpt["iter_num"], ckpt["head_best"], ckpt["last"]
@@ -739,7 +792,7 @@ def main(args):
                 idx = order[s:s + args.batch_size]
                 yield train_feats[idx], train_labels[idx]
         else:
-            for flat, sizes, y, _ in loader:
+            for flat, sizes, y, _ in start_workers(loader):
                 with torch.no_grad(), autocast:
                     f = vit.pool(encoder(to_input(flat, sizes)), args.pool)
                 f, y = f.float().contiguous(), y.to(device)  # pooled rows are strided views; BN sums in memory order
@@ -778,6 +831,13 @@ def main(args):
         if ddp:
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)
         return bool(stop.item())
+
+    def save(name):  # every rank checks, rank 0 writes; the newest keep_last periodic checkpoints are kept
+        check_finite()
+        if master_process:
+            save_atomic(checkpoint(), os.path.join(out_dir, name))
+            for old in sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))[:-args.keep_last]:
+                os.remove(old)
 
     # training loop
     if master_process:
@@ -824,13 +884,12 @@ def main(args):
                     log(dict(iter=iter_num, **last, best_top1=best["top1"], best_blr=best["blr"]))
                     pbar.write(f"epoch {last['epoch']:g}: top-1 " + " ".join(f"{v:.2f}" for v in top1) +
                                f" (blrs {' '.join(f'{b:g}' for b in args.blrs)}); best {best['top1']:.2f} (blr {best['blr']:g})")
-            stop = at_log and stop_requested()
+            # the one save-or-stop path: a stop is read at log steps before the last (the last writes the final file);
+            # the evaluation comes first here: it reads no image (val features are extracted before training) and
+            # the checkpoint holds its result
+            stop = at_log and iter_num < max_iters and stop_requested()
             if iter_num < max_iters and (iter_num % args.ckpt_interval == 0 or stop):
-                check_finite()
-                if master_process:
-                    save_atomic(checkpoint(), os.path.join(out_dir, f"ckpt_{iter_num:08d}.pt"))
-                    for old in sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))[:-args.keep_last]:
-                        os.remove(old)
+                save(f"ckpt_{iter_num:08d}.pt")
             if stop:
                 if master_process:
                     pbar.write(f"stopped by signal at iteration {iter_num}; to continue, run the same command with --resume auto")
@@ -839,9 +898,8 @@ def main(args):
                     dist.destroy_process_group()
                 sys.exit(0)
     pbar.close()
-    check_finite()
+    save("probe.pt")
     if master_process:
-        save_atomic(checkpoint(), os.path.join(out_dir, "probe.pt"))
         if last is not None:
             print(f"{'blr':>7} {'lr':>8} {'top-1':>7} {'top-5':>7} {'best top-1':>10}   (last evaluation: epoch {last['epoch']:g})")
             for h in range(H):
@@ -857,4 +915,9 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parser.parse_args())
+    try:
+        main(parser.parse_args())
+    except UnreadableImage as e:  # one line, as for every bad input
+        fail(str(e))
+    finally:
+        shut_down()

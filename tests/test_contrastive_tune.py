@@ -142,6 +142,13 @@ def test_data_copies_agree():
     for name in ("IMG_EXTS", "to_rgb", "check_flags", "lock_out_dir"):  # the same in all five scripts
         assert len({repr(v) if name == "IMG_EXTS" else inspect.getsource(v)
                     for v in (getattr(m, name) for m in (mae_pretrain, nh, ct, knn, probe))}) == 1, name
+    # the ways out: checkpoint writing and finding, worker signals and shutdown, the one-line errors
+    scripts = (mae_pretrain, nh, ct, probe, knn)
+    for name in ("UnreadableImage", "ignore_stop_signals", "start_workers", "shut_down", "save_atomic", "find_resume"):
+        copies = {inspect.getsource(getattr(m, name)) for m in scripts if hasattr(m, name)}
+        assert len(copies) == 1 and all(hasattr(m, name) for m in scripts[:4]), name
+    ends = {open(m.__file__).read().split('if __name__ == "__main__":')[1] for m in scripts}
+    assert len(ends) == 1, "the __main__ blocks differ"
 
 
 def test_topk_sampling_stays_within_topk():

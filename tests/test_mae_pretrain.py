@@ -1,5 +1,6 @@
 """Stage 1: MAE pieces against references written here, and the script run end to end
 (single process, 2-process torchrun on gloo, SIGTERM + resume, bad inputs)."""
+import errno
 import json
 import math
 import os
@@ -155,19 +156,20 @@ def test_collate_and_device_resize_match_pil(tmp_path):
     assert torch.equal(x[1], torch.from_numpy(crops[1]).permute(2, 0, 1).float())  # already 32 x 32: untouched
 
 
-def test_save_atomic_keeps_previous_file_when_the_write_fails(tmp_path, monkeypatch):
+def test_save_atomic_keeps_previous_file_when_the_write_fails(tmp_path, monkeypatch, capsys):
     path = str(tmp_path / "ckpt.pt")
     mae_pretrain.save_atomic({"iter_num": 1}, path)
 
     def broken_save(obj, f):
-        open(f, "wb").write(b"partial")
-        raise OSError("disk full")
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(SystemExit) as e:
         mae_pretrain.save_atomic({"iter_num": 2}, path)
     monkeypatch.undo()
-    assert torch.load(path)["iter_num"] == 1
+    assert e.value.code == 2 and f"error: cannot write {path}: No space left on device" in capsys.readouterr().err
+    assert torch.load(path)["iter_num"] == 1 and os.listdir(tmp_path) == ["ckpt.pt"]  # the partial .tmp is removed
 
 
 def test_lr_schedule():

@@ -1,0 +1,244 @@
+"""Long runs survive what a cluster and a real dataset throw at them, tried as users run the training
+scripts: a subprocess with data-loading workers, real signals to the process group, real truncated
+files, a real full disk. Every run has a timeout, so that a hang fails the test instead of the suite."""
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, make_image_folder, run_script
+
+sys.path.insert(0, ROOT)
+import vit  # noqa: E402
+
+SCRIPTS = ["mae_pretrain.py", "nnclr_head.py", "contrastive_tune.py", "probe.py"]
+FINAL = {"mae_pretrain.py": "mae.pt", "nnclr_head.py": "head.pt", "contrastive_tune.py": "ct.pt", "probe.py": "probe.pt"}
+HEAD = ["--queue_size", "64", "--proj_hidden", "64", "--proj_dim", "16", "--pred_hidden", "64"]
+
+
+@pytest.fixture(scope="module")
+def s(tmp_path_factory):
+    """Tiny data, a stage-1 encoder file and a head.pt written by nnclr_head.py."""
+    d = tmp_path_factory.mktemp("survive")
+    torch.manual_seed(0)
+    args = vit.model_args_from_preset("vit_micro", 32, 4)
+    torch.save(dict(stage="mae", model_args=args, encoder=vit.ViT(**args).state_dict()), d / "mae.pt")
+    s = dict(dir=d, data=make_image_folder(d / "data"), mae=str(d / "mae.pt"))
+    run_script("nnclr_head.py", "--data_path", s["data"], "--init", s["mae"], "--out_dir", str(d / "head"),
+               "--batch_size", "8", "--max_iters", "2", "--num_workers", "0", "--device", "cpu", *HEAD)
+    s["head"] = str(d / "head" / "head.pt")
+    return s
+
+
+def argv(s, script, out, *extra, data=None, iters=6):
+    """A tiny run of `script` with 2 data-loading workers (the default is 8)."""
+    own = {"mae_pretrain.py": ["--model", "vit_micro", "--img_size", "32", "--patch_size", "4", "--dec_dim", "32",
+                               "--dec_depth", "1", "--dec_heads", "2"],
+           "nnclr_head.py": ["--init", s["mae"], *HEAD],
+           "contrastive_tune.py": ["--init", s["mae"], "--head", s["head"], "--topk", "5"],
+           "probe.py": ["--init", s["mae"], "--crop_pct", "1", "--blrs", "0.1"]}[script]
+    return [sys.executable, script, "--data_path", data or s["data"], "--out_dir", str(out), "--batch_size", "8",
+            "--max_iters", str(iters), "--num_workers", "2", "--device", "cpu", *own, *extra]
+
+
+def start(cmd, log):
+    """Popen in its own process group (as a job under timeout or SLURM), output to the file `log`."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def finish(p, log, timeout=90):
+    """-> (exit code, output). A run still alive after `timeout` s is a hang: its whole group is killed."""
+    try:
+        p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        pytest.fail(f"still running after {timeout} s (hung)\n" + open(log).read()[-3000:])
+    try:
+        os.killpg(p.pid, 0)  # nothing of the group (no worker) may outlive the run
+        pytest.fail("a process of the run outlived it")
+    except ProcessLookupError:
+        pass
+    return p.returncode, open(log).read()
+
+
+def run(cmd, tmp_path, timeout=90):
+    log = tmp_path / f"run{len(list(tmp_path.glob('run*.txt')))}.txt"
+    return finish(start(cmd, log), log, timeout)
+
+
+def truncate(path):
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 3])
+
+
+def error_lines(out):
+    assert "Traceback" not in out, out[-3000:]
+    return [line for line in out.splitlines() if line.startswith("error:")]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def wait_for(log, pattern, p, timeout=60):
+    t0 = time.time()
+    while not re.search(pattern, open(log).read()):
+        assert p.poll() is None and time.time() - t0 < timeout, open(log).read()[-3000:]
+        time.sleep(0.01)
+
+
+# -----------------------------------------------------------------------------
+# 1. with workers, an error ends the process at once: one line, exit 2, no worker left
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bad_train_image_with_workers_is_one_line_not_a_hang(s, script, tmp_path):
+    data = shutil.copytree(s["data"], tmp_path / "data")
+    bad = os.path.join(data, "train", "class_1", "0002.jpg")
+    truncate(bad)
+    rc, out = run(argv(s, script, tmp_path / "o", data=data), tmp_path, timeout=60)
+    assert rc == 2, out[-3000:]
+    (line,) = error_lines(out)
+    assert line.startswith(f"error: unreadable image {bad}") and "--skip_bad_images 1" in line
+
+
+def test_exception_in_the_main_process_with_workers_ends_the_run(s, tmp_path):
+    """An exception in the main process while its workers live (a CUDA OOM, a bug; here a KeyboardInterrupt,
+    SIGINT sent to the main process alone): the process ends with it instead of waiting for the workers."""
+    log = tmp_path / "out.txt"
+    p = start(argv(s, "mae_pretrain.py", tmp_path / "o", "--log_interval", "1", iters=100000), log)
+    wait_for(log, r"\| [1-9]\d*/100000", p)
+    os.kill(p.pid, signal.SIGINT)
+    rc, out = finish(p, log, timeout=60)
+    assert rc != 0 and "KeyboardInterrupt" in out, out[-3000:]
+
+
+# -----------------------------------------------------------------------------
+# 2. a stop signal at any moment leaves a resumable state; 7. --resume auto falls back past a truncated
+# checkpoint, and a changed flag is refused
+
+
+def signal_storm(p, log, pattern):
+    """SIGTERM to the whole process group (as timeout and SLURM send it) from the first progress line
+    matching `pattern` on, every 20 ms until the run ends: twice in a row, during checkpoint writes,
+    after the last iteration, during the exit."""
+    wait_for(log, pattern, p)
+    sent = 0
+    while p.poll() is None:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            break
+        sent += 1
+        time.sleep(0.02)
+    assert sent >= 2, "the run ended before the signals"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_signals_in_the_last_log_interval_then_resume_auto(s, script, tmp_path):
+    """Signals from the first iteration of a run shorter than --log_interval: the run ends with its
+    final file (training is done), exit 0. Then the final file is removed and the newest checkpoint
+    truncated: --resume auto with a changed flag is refused in one line naming it; the same command
+    warns, naming both checkpoints, resumes from the previous one and ends with the final file."""
+    out, log = tmp_path / "o", tmp_path / "storm.txt"
+    cmd = argv(s, script, out, "--log_interval", "100", "--ckpt_interval", "4", "--keep_last", "0", iters=12)
+    p = start(cmd, log)
+    signal_storm(p, log, r"\| [1-9]\d*/12")
+    rc, text = finish(p, log)
+    assert rc == 0, text[-3000:]
+    assert "stopped by signal" not in text and load(out / FINAL[script])["iter_num"] == 12
+    assert {"ckpt_00000004.pt", "ckpt_00000008.pt"} <= set(os.listdir(out)) and not list(out.glob("*.tmp"))
+
+    os.remove(out / FINAL[script])
+    truncate(out / "ckpt_00000008.pt")
+    rc, text = run(cmd + ["--resume", "auto", "--seed", "1"], tmp_path)
+    assert rc == 2
+    (line,) = error_lines(text)
+    assert line == f"error: {out / 'ckpt_00000004.pt'} was made with --seed 0, this run has --seed 1"
+    rc, text = run(cmd + ["--resume", "auto"], tmp_path)
+    assert rc == 0, text[-3000:]
+    (warning,) = [line for line in text.splitlines() if line.startswith("warning:")]
+    assert str(out / "ckpt_00000008.pt") in warning and "truncated" in warning
+    assert warning.endswith(f"resuming from the previous checkpoint {out / 'ckpt_00000004.pt'}")
+    assert "resuming from" in text and "at iteration 4" in text and load(out / FINAL[script])["iter_num"] == 12
+
+
+def test_signals_mid_run_leave_a_checkpoint_and_exit_0(s, tmp_path):
+    """A signal storm in the middle of a run: the run stops at the next log step with a readable
+    checkpoint, exit 0, however many signals arrive while it is written and while the process exits."""
+    out, log = tmp_path / "o", tmp_path / "storm.txt"
+    cmd = argv(s, "mae_pretrain.py", out, "--log_interval", "2", iters=400)
+    p = start(cmd, log)
+    signal_storm(p, log, r"\| [1-9]\d*/400")
+    rc, text = finish(p, log)
+    assert rc == 0 and "stopped by signal at iteration" in text, text[-3000:]
+    (ckpt,) = out.glob("ckpt_*.pt")
+    assert load(ckpt)["iter_num"] == int(ckpt.stem.split("_")[1]) < 400 and not list(out.glob("*.tmp"))
+
+
+def test_signals_while_workers_start_reach_only_the_main_process(s, tmp_path):
+    """probe.py --cached 1 starts new workers for each feature extraction: signals from its start on
+    may come before a worker has set itself to ignore them; held back until then, they stop the run at
+    its first log step with a checkpoint, exit 0 (not 'DataLoader worker exited unexpectedly')."""
+    out, log = tmp_path / "o", tmp_path / "storm.txt"
+    p = start(argv(s, "probe.py", out, "--cached", "1", "--log_interval", "1", iters=9), log)
+    signal_storm(p, log, r"val:")
+    rc, text = finish(p, log)
+    assert rc == 0 and "stopped by signal at iteration 1;" in text, text[-3000:]
+    assert load(out / "ckpt_00000001.pt")["iter_num"] == 1
+
+
+# -----------------------------------------------------------------------------
+# 3. evaluation errors do not lose the training
+
+
+def test_bad_val_image_checkpoint_first_then_final_file(s, tmp_path):
+    """A truncated val image: the checkpoint due at the evaluation step is written first, the error is
+    one line naming the file; resumed, the run writes mae.pt before its last evaluation fails the same
+    way; --skip_bad_images 1 then evaluates with a warning naming the file."""
+    data = shutil.copytree(s["data"], tmp_path / "data")
+    bad = os.path.join(data, "val", "class_2", "0001.jpg")
+    truncate(bad)
+    out = tmp_path / "o"
+    cmd = argv(s, "mae_pretrain.py", out, data=data)
+    rc, text = run(cmd + ["--eval_interval", "3", "--ckpt_interval", "3"], tmp_path)
+    assert rc == 2 and (out / "ckpt_00000003.pt").exists() and not (out / "mae.pt").exists(), text[-3000:]
+    (line,) = error_lines(text)
+    assert line.startswith(f"error: unreadable image {bad}")
+    rc, text = run(cmd + ["--resume", "auto"], tmp_path)
+    assert rc == 2 and "at iteration 3" in text and load(out / "mae.pt")["iter_num"] == 6
+    (line,) = error_lines(text)
+    assert line.startswith(f"error: unreadable image {bad}")
+    rc, text = run(cmd + ["--resume", "auto", "--skip_bad_images", "1"], tmp_path)
+    assert rc == 0 and f"skipping unreadable image {bad}" in text and (out / "recon_00000006.png").exists(), text
+
+
+# -----------------------------------------------------------------------------
+# 7. a full disk: one line, the partial file removed, the previous checkpoint intact
+
+
+def test_full_disk_is_one_line_and_keeps_the_previous_checkpoint(s, tmp_path):
+    """out_dir on a 320 KiB tmpfs: the first checkpoint (188 KiB) fits, the second does not."""
+    out = tmp_path / "o"
+    out.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=320k", "tmpfs", str(out)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        rc, text = run(argv(s, "nnclr_head.py", out, "--ckpt_interval", "2"), tmp_path)
+        assert rc == 2, text[-3000:]
+        (line,) = error_lines(text)
+        assert line.startswith(f"error: cannot write {out / 'ckpt_00000004.pt'}: No space left on device")
+        assert sorted(os.listdir(out)) == ["ckpt_00000002.pt", "log.txt"]
+        assert load(out / "ckpt_00000002.pt")["iter_num"] == 2
+    finally:
+        subprocess.run(["umount", str(out)])
