@@ -618,7 +618,7 @@ def main(args):
                                          collate_fn=collate, worker_init_fn=ignore_stop_signals)
     steps_per_epoch = sampler.steps
     max_iters = args.max_iters or args.epochs * steps_per_epoch
-    warmup_iters = round(0.2 * max_iters) if args.warmup_epochs < 0 else round(args.warmup_epochs * steps_per_epoch)
+    warmup_iters = int(0.2 * max_iters) if args.warmup_epochs < 0 else round(args.warmup_epochs * steps_per_epoch)
     mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1) * 255
 

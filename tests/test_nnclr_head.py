@@ -329,6 +329,18 @@ def test_run_queue_holds_view0_in_sampler_order(setup, tmp_path):
     assert log[0]["nn_acc"] == 0.0  # the first step only sees the random initial queue (label -1)
 
 
+def test_warmup_is_the_floor_of_20_percent(setup, tmp_path):
+    """The authors' schedule in stages 2 and 3: W = floor(0.2 T) warmup steps (13 steps: W = 2, where
+    round would give 3), step s < W at lr (s + 1) / (W + 1), then the cosine to 0 from s = W."""
+    iters, lr = 13, 1e-4 * 8 * 2 / 256
+    run_script(*head_argv(setup, tmp_path / "h", iters=iters))
+    logged = [e["lr"] for e in map(json.loads, open(tmp_path / "h" / "log.txt")) if "loss" in e]
+    W = 2
+    want = [lr * (s + 1) / (W + 1) if s < W else lr * 0.5 * (1 + np.cos(np.pi * (s - W) / (iters - W)))
+            for s in range(iters)]
+    np.testing.assert_allclose(logged, want, rtol=1e-12, atol=0)
+
+
 def test_two_processes_same_global_batches(setup, tmp_path):
     run_torchrun(2, *head_argv(setup, tmp_path / "h2", iters=4))
     ck = torch.load(tmp_path / "h2" / "head.pt", weights_only=False)
