@@ -26,7 +26,7 @@ A released encoder and its probe:
 --init takes any checkpoint vit.load_encoder reads (this project's mae.pt / ct.pt with --which,
 facebookresearch/mae's, the MAE-CT releases). Writes out_dir/probe.pt (the best head, and the state
 to resume), periodic out_dir/ckpt_*.pt, out_dir/log.txt (JSON lines); --logreg writes out_dir/logreg.pt,
---eval_head only a line to out_dir/log.txt.
+--eval_head only a line to out_dir/log.txt, when --out_dir is given.
 """
 import argparse
 import atexit
@@ -58,7 +58,7 @@ import vit
 # flags
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--data_path", required=True, help="image folder with train/<class>/* and val/<class>/*")
-parser.add_argument("--out_dir", default="out/probe")
+parser.add_argument("--out_dir", default="", help="default out/probe; --eval_head: a log line only when given")
 parser.add_argument("--init", required=True, help="encoder checkpoint: this project's mae.pt / ct.pt, facebookresearch/mae's, MAE-CT's")
 parser.add_argument("--which", default="ema", choices=["ema", "online"], help="which encoder of a contrastive-tuning checkpoint")
 parser.add_argument("--resume", default="", help="a checkpoint to continue, or 'auto' for the newest in out_dir")
@@ -615,8 +615,8 @@ def main(args):
         fail("--train_list and --per_class both pick the labelled images; choose one")
     if args.eval_head and (args.logreg or args.cached or args.resume or args.train_list or args.per_class):
         fail("--eval_head evaluates a trained head; --logreg, --cached, --resume, --train_list, --per_class train one")
-    out_dir = args.out_dir
-    if master_process:
+    out_dir = args.out_dir or ("" if args.eval_head else "out/probe")  # --eval_head writes only to a given out_dir
+    if master_process and out_dir:
         lock_out_dir(out_dir)
 
     # encoder and data: every check before any feature is extracted
@@ -685,6 +685,7 @@ def main(args):
         top5 = 100.0 * (logits.topk(min(5, C), dim=1).indices == y[:, None]).any(1).double().mean().item()
         if master_process:
             print(f"top-1 {top1:.2f}%, top-5 {top5:.2f}%")
+        if master_process and out_dir:
             log(dict(eval_top1=round(top1, 4), eval_top5=round(top5, 4), init=args.init, which=args.which,
                      eval_head=args.eval_head, pool=args.pool, val=len(val_set), img_size=img_size, crop_pct=args.crop_pct))
         if ddp:

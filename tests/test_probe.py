@@ -411,7 +411,7 @@ def eval_argv(released, head_file, out, *extra):
             "--out_dir", out, "--crop_pct", 1, "--num_workers", 0, "--batch_size", 8, "--device", "cpu", *extra]
 
 
-def test_eval_head_layouts_match_float64_reference(released, capsys):
+def test_eval_head_layouts_match_float64_reference(released, capsys, monkeypatch):
     tmp, head = released["tmp"], released["head"]
     trained = load(tmp / "p")
     cases = [("probe.pt", released["probe"], trained["head"], "mean", []),
@@ -436,6 +436,11 @@ def test_eval_head_layouts_match_float64_reference(released, capsys):
         assert entry["eval_head"] == path and entry["init"] == released["foreign"] and entry["val"] == 21
     assert len(set(refs)) == 3 and any(0 < r1 < r5 < 100 for r1, r5 in refs)  # not trivial, and they differ
     assert sorted(os.listdir(tmp / "e")) == ["lock", "log.txt"]  # nothing else (in-process runs: the lock until exit)
+    # without --out_dir: the line is printed, nothing is written (not even the default out/probe)
+    monkeypatch.chdir(tmp / "e")
+    run_probe(*[a for a in eval_argv(released, str(tmp / "new.th"), "unused") if a not in ("--out_dir", "unused")])
+    assert f"top-1 {refs[1][0]:.2f}%" in capsys.readouterr().out and sorted(os.listdir(".")) == ["lock", "log.txt"]
+    assert len(open("log.txt").readlines()) == len(cases)  # no line added
     # 2 processes (11 + 10 images): the same numbers
     run_torchrun(2, "probe.py", *map(str, eval_argv(released, str(tmp / "new.th"), tmp / "e2")))
     two = json.loads(open(tmp / "e2" / "log.txt").read())
