@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -76,17 +77,38 @@ def make_image_folder(root, classes=4, per_class=96, val_per_class=24, size=32, 
                 Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(os.path.join(d, f"{i:04d}.png"))
 
 
-def run(name, script, *flags):
-    """Run one stage; returns its wall time in seconds. A failing stage stops the pipeline."""
+def fail(msg):  # one clear line, as the stage scripts do
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run(label, done, script, *flags):
+    """Run one stage unless done() finds its output; its wall time goes into `times`. A stage that fails stops the
+    pipeline, and so does one a signal stopped (it checkpoints and exits 0 without its output). SIGTERM / SIGUSR1
+    sent to pipeline.py while a stage runs are passed on to the stage, so a signal to pipeline.py alone checkpoints too."""
+    if done():
+        return
     launcher = [sys.executable] if args.nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                           f"--nproc_per_node={args.nproc}"]
     cmd = launcher + [script, *[str(f) for f in flags]]
-    print(f"\n=== {name}: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
-    t0 = time.time()
-    p = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)))
-    if p.returncode != 0:
-        sys.exit(f"error: stage {name} failed (exit {p.returncode}); rerun the same command to continue")
-    return time.time() - t0
+    print(f"\n=== {label}: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+    t0, p, stopped = time.time(), None, []
+
+    def stop(signum, frame):
+        stopped.append(signum)
+        if p is not None:
+            p.send_signal(signum)
+
+    handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    p = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.abspath(__file__)))
+    rc = p.wait()
+    for s, h in handlers.items():  # between stages a signal ends pipeline.py at once: no stage output is half-written
+        signal.signal(s, h)
+    if stopped or (rc == 0 and not done()):
+        fail(f"stage {label} was interrupted; run the same command to continue")
+    if rc != 0:
+        fail(f"stage {label} failed (exit {rc}); run the same command to continue")
+    times[label] = time.time() - t0
 
 
 def last_entry(log_path, key):
@@ -116,45 +138,38 @@ t_start = time.time()
 
 # 1-3: the three training stages, each skipped when its final file exists
 mae_pt, head_pt, ct_pt = (os.path.join(out, d, f) for d, f in (("mae", "mae.pt"), ("head", "head.pt"), ("ct", "ct.pt")))
-if not os.path.exists(mae_pt):
-    times["MAE pretraining"] = run("mae", "mae_pretrain.py", *common, *seed, *model, "--out_dir", os.path.dirname(mae_pt),
-                                   "--dec_dim", args.dec_dim, "--dec_depth", args.dec_depth, "--dec_heads", args.dec_heads,
-                                   "--mask_ratio", args.mask_ratio, "--epochs", args.mae_epochs, "--batch_size", args.batch_size,
-                                   "--resume", "auto",
-                                   *extra["mae"])
-if not os.path.exists(head_pt):
-    times["NNCLR head"] = run("head", "nnclr_head.py", *common, *seed, "--init", mae_pt, "--out_dir", os.path.dirname(head_pt),
-                              "--epochs", args.head_epochs, "--batch_size", args.batch_size, "--pool", args.pool,
-                              "--resume", "auto", *extra["head"])
-if not os.path.exists(ct_pt):
-    times["contrastive tuning"] = run("ct", "contrastive_tune.py", *common, *seed, "--init", mae_pt, "--head", head_pt,
-                                      "--out_dir", os.path.dirname(ct_pt), "--epochs", args.ct_epochs,
-                                      "--batch_size", args.batch_size, "--pool", args.pool, "--resume", "auto", *extra["ct"])
+run("MAE pretraining", lambda: os.path.exists(mae_pt), "mae_pretrain.py", *common, *seed, *model,
+    "--out_dir", os.path.dirname(mae_pt), "--dec_dim", args.dec_dim, "--dec_depth", args.dec_depth,
+    "--dec_heads", args.dec_heads, "--mask_ratio", args.mask_ratio, "--epochs", args.mae_epochs,
+    "--batch_size", args.batch_size, "--resume", "auto", *extra["mae"])
+run("NNCLR head", lambda: os.path.exists(head_pt), "nnclr_head.py", *common, *seed, "--init", mae_pt,
+    "--out_dir", os.path.dirname(head_pt), "--epochs", args.head_epochs, "--batch_size", args.batch_size,
+    "--pool", args.pool, "--resume", "auto", *extra["head"])
+run("contrastive tuning", lambda: os.path.exists(ct_pt), "contrastive_tune.py", *common, *seed, "--init", mae_pt,
+    "--head", head_pt, "--out_dir", os.path.dirname(ct_pt), "--epochs", args.ct_epochs, "--batch_size", args.batch_size,
+    "--pool", args.pool, "--resume", "auto", *extra["ct"])
 
-# 4: the evaluations of both encoders
+# 4: the evaluations of both encoders, each skipped when its log holds its result
 results = {}
 for enc, ckpt in (("MAE", mae_pt), ("MAE-CT", ct_pt)):
     ev = os.path.join(out, f"eval_{enc.lower().replace('-', '')}")
     knn_log, probe_log = (os.path.join(ev, d, "log.txt") for d in ("knn", "probe"))
     logreg_logs = [os.path.join(ev, f"logreg_s{s}", "log.txt") for s in range(args.seed, args.seed + args.lowshot_splits)]
-    if last_entry(knn_log, "knn_top1") is None:
-        times[f"k-NN {enc}"] = run(f"knn {enc}", "knn.py", *common, "--init", ckpt, "--pool", args.pool,
-                                   "--crop_pct", args.crop_pct, "--out_dir", os.path.dirname(knn_log), *extra["knn"])
-    if last_entry(probe_log, "best_top1") is None:
-        times[f"linear probe {enc}"] = run(f"probe {enc}", "probe.py", *common, *seed, "--init", ckpt, "--pool", args.pool,
-                                           "--crop_pct", args.crop_pct, "--cached", 1, "--epochs", args.probe_epochs,
-                                           "--batch_size", args.batch_size,
-                                           "--out_dir", os.path.dirname(probe_log), *extra["probe"])
+    run(f"k-NN {enc}", lambda: last_entry(knn_log, "knn_top1"), "knn.py", *common, "--init", ckpt, "--pool", args.pool,
+        "--crop_pct", args.crop_pct, "--out_dir", os.path.dirname(knn_log), *extra["knn"])
+    run(f"linear probe {enc}", lambda: last_entry(probe_log, "best_top1"), "probe.py", *common, *seed, "--init", ckpt,
+        "--pool", args.pool, "--crop_pct", args.crop_pct, "--cached", 1, "--epochs", args.probe_epochs,
+        "--batch_size", args.batch_size, "--out_dir", os.path.dirname(probe_log), *extra["probe"])
     for split_seed, logreg_log in zip(range(args.seed, args.seed + args.lowshot_splits), logreg_logs):
-        if args.lowshot and last_entry(logreg_log, "logreg_top1") is None:  # one random labelled subset per seed
-            times[f"low-shot {enc}, split {split_seed}"] = run(
-                f"low-shot {enc}", "probe.py", *common, "--seed", split_seed, "--init", ckpt, "--pool", args.pool,
-                "--crop_pct", args.crop_pct, "--logreg", 1, "--per_class", args.lowshot,
-                "--out_dir", os.path.dirname(logreg_log), *extra["logreg"])
+        if args.lowshot:  # one random labelled subset per seed
+            run(f"low-shot {enc}, split {split_seed}", lambda: last_entry(logreg_log, "logreg_top1"), "probe.py",
+                *common, "--seed", split_seed, "--init", ckpt, "--pool", args.pool, "--crop_pct", args.crop_pct,
+                "--logreg", 1, "--per_class", args.lowshot, "--out_dir", os.path.dirname(logreg_log), *extra["logreg"])
     knn = last_entry(knn_log, "knn_top1")["knn_top1"]
     lowshot = [last_entry(p, "logreg_top1")["logreg_top1"] for p in logreg_logs] if args.lowshot else []
     results[enc] = dict(knn10=knn.get("10"), knn20=knn.get("20"), probe=last_entry(probe_log, "best_top1")["best_top1"],
                         lowshot=sum(lowshot) / len(lowshot) if lowshot else None)
+
 
 # 5: the table
 def fmt(v):
