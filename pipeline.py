@@ -40,9 +40,9 @@ parser.add_argument("--dec_heads", type=int, default=4)
 parser.add_argument("--mask_ratio", type=float, default=0.75)
 parser.add_argument("--pool", default="mean", choices=["cls", "mean"], help="pooling for head, CT and every evaluation")
 parser.add_argument("--batch_size", type=int, default=64, help="images per step of the training stages")
-parser.add_argument("--mae_epochs", type=int, default=30)
+parser.add_argument("--mae_epochs", type=int, default=40)
 parser.add_argument("--head_epochs", type=int, default=10)
-parser.add_argument("--ct_epochs", type=int, default=10)
+parser.add_argument("--ct_epochs", type=int, default=20)
 parser.add_argument("--probe_epochs", type=int, default=30, help="linear probe on cached features")
 parser.add_argument("--lowshot", type=int, default=5, help="labelled images per class for the logistic regression (0: skip)")
 parser.add_argument("--lowshot_splits", type=int, default=3, help="low-shot: the mean over this many random class-balanced "
@@ -58,22 +58,28 @@ if args.lowshot < 0 or (args.lowshot and args.lowshot_splits < 1):
     sys.exit("error: --lowshot must be >= 0 and --lowshot_splits >= 1")
 
 
-def make_image_folder(root, classes=4, per_class=96, val_per_class=24, size=32, seed=0):
-    """Generated images with class structure (a colour, an oriented texture, a blob) and
-    per-image nuisance (position, phase, noise), so there is something to learn."""
+def make_image_folder(root, classes=4, per_class=128, val_per_class=64, size=32, seed=0):
+    """Grey images of a textured surface behind flat clutter. The class is the texture (horizontal stripes,
+    vertical stripes, checks, dots), which any two crops of an image share; its scale and phase, and where
+    the clutter sits, its size and its grey, are random and carry no class, yet a pixel reconstruction must
+    encode them all. Brightness and contrast are the same in every image: crops share them, so they would
+    pull contrastive neighbours apart as much as MAE's."""
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size] / size
+    yy, xx = np.mgrid[:size, :size].astype(float)
     for split, n in (("train", per_class), ("val", val_per_class)):
         for c in range(classes):
             d = os.path.join(root, split, f"class_{c}")
             os.makedirs(d, exist_ok=True)
             for i in range(n):
-                angle = np.pi * c / classes + rng.normal(0, 0.15)
-                wave = np.sin((np.cos(angle) * xx + np.sin(angle) * yy) * (6 + 2 * c) * np.pi + rng.uniform(0, 2 * np.pi))
-                cy, cx = rng.uniform(0.2, 0.8, 2)
-                blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 0.02)
-                colour = np.array([(c * 70) % 256, (c * 140 + 60) % 256, (255 - c * 50) % 256]) * rng.uniform(0.6, 1.0)
-                img = 110 + 50 * wave[..., None] + blob[..., None] * (colour - 110) + rng.normal(0, 12, (size, size, 3))
+                p = rng.uniform(3.5, 9)  # texture period (px)
+                u, v = 2 * np.pi * (yy / p + rng.uniform()), 2 * np.pi * (xx / p + rng.uniform())
+                texture = [np.sin(u), np.sin(v), np.sign(np.sin(u) * np.sin(v)), 2.0 * (np.cos(u) + np.cos(v) > 1) - 1][c]
+                img = 128 + 60 * texture
+                for _ in range(rng.integers(6, 16)):  # clutter: flat rectangles of random size, place and grey
+                    h, w = rng.integers(3, 13, 2)
+                    y, x = rng.integers(0, size - h), rng.integers(0, size - w)
+                    img[y:y + h, x:x + w] = rng.uniform(0, 255)
+                img = img[..., None] + rng.normal(0, 6, (size, size, 3))
                 Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(os.path.join(d, f"{i:04d}.png"))
 
 
@@ -133,6 +139,10 @@ seed = ["--seed", args.seed]  # knn.py draws nothing at random
 model = ["--model", args.model, "--img_size", args.img_size, "--patch_size", args.patch_size, "--dim", args.dim,
          "--depth", args.depth, "--heads", args.heads]
 extra = {s: shlex.split(getattr(args, f"{s}_args")) for s in ("mae", "head", "ct", "knn", "probe", "logreg")}
+if not args.data_path:  # the generated folder's recipe: 512 images, a few hundred steps; --X_args come later and win
+    for s, flags in (("mae", "--views 1 --blr 1e-3 --warmup_epochs 2"), ("head", "--queue_size 256 --blr 4e-4"),
+                     ("ct", "--blr 8e-3 --head_blr 8e-3 --encoder_ema 0.9 --topk 3")):
+        extra[s] = shlex.split(flags) + extra[s]
 times = {}
 t_start = time.time()
 
