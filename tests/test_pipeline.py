@@ -3,8 +3,13 @@ checkpoint on by path, and the results table holds both encoders; a second run s
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
+import time
 
-from conftest import run_script
+import pytest
+from conftest import ROOT, run_script
 
 TINY = ["--model", "vit_micro", "--dim", "32", "--depth", "2", "--heads", "2", "--dec_dim", "32", "--dec_depth", "1",
         "--dec_heads", "2", "--batch_size", "32", "--mae_epochs", "1", "--head_epochs", "1", "--ct_epochs", "1",
@@ -36,3 +41,27 @@ def test_pipeline_runs_every_stage_and_writes_the_table(tmp_path):
     again = run_script("pipeline.py", "--out_dir", out, *TINY, timeout=300)
     assert "===" not in again.stdout and "| total |" not in (out / "results.md").read_text()
     assert all(line in (out / "results.md").read_text() for line in table.splitlines()[:5])
+
+
+@pytest.mark.parametrize("to", ["group", "stage"])
+def test_a_stage_stopped_by_a_signal_stops_the_pipeline(tmp_path, to):
+    """SIGTERM to the whole process group (as timeout and SLURM send it) or to the running stage alone: the stage
+    checkpoints and exits 0 without mae.pt, and the pipeline stops there in one line instead of starting the head."""
+    out = tmp_path / "p"
+    argv = [sys.executable, "pipeline.py", "--out_dir", str(out), *TINY, "--mae_epochs", "500"]
+    p = subprocess.Popen(argv, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    log = out / "mae" / "log.txt"
+    while p.poll() is None and not (log.exists() and log.read_text().count("\n") >= 1):
+        time.sleep(0.05)
+    if to == "group":
+        os.killpg(p.pid, signal.SIGTERM)
+    else:  # the stage is pipeline.py's only child
+        stage = int(open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()[0])
+        os.kill(stage, signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 2, (stdout[-2000:], stderr[-2000:])
+    assert "stopped by signal" in stdout
+    assert stderr.strip().splitlines()[-1] == "error: stage MAE pretraining was interrupted; run the same command to continue"
+    assert any(f.name.startswith("ckpt_") for f in (out / "mae").iterdir()) and not (out / "mae" / "mae.pt").exists()
+    assert not (out / "head").exists() and "=== NNCLR head" not in stdout
