@@ -41,7 +41,7 @@ parser.add_argument("--mask_ratio", type=float, default=0.75)
 parser.add_argument("--pool", default="mean", choices=["cls", "mean"], help="pooling for head, CT and every evaluation")
 parser.add_argument("--batch_size", type=int, default=64, help="images per step of the training stages")
 parser.add_argument("--mae_epochs", type=int, default=40)
-parser.add_argument("--head_epochs", type=int, default=10)
+parser.add_argument("--head_epochs", type=int, default=20)
 parser.add_argument("--ct_epochs", type=int, default=20)
 parser.add_argument("--probe_epochs", type=int, default=30, help="linear probe on cached features")
 parser.add_argument("--lowshot", type=int, default=5, help="labelled images per class for the logistic regression (0: skip)")
@@ -63,7 +63,9 @@ def make_image_folder(root, classes=4, per_class=128, val_per_class=64, size=32,
     vertical stripes, checks, dots), which any two crops of an image share; its scale and phase, and where
     the clutter sits, its size and its grey, are random and carry no class, yet a pixel reconstruction must
     encode them all. Brightness and contrast are the same in every image: crops share them, so they would
-    pull contrastive neighbours apart as much as MAE's."""
+    pull contrastive neighbours apart as much as MAE's. Drawn at `size` (the pipeline: twice the model's
+    img_size, periods and clutter scaled with it), so that even RandomResizedCrop's smallest crops (8% of
+    the area) hold a few periods of the texture."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:size, :size].astype(float)
     for split, n in (("train", per_class), ("val", val_per_class)):
@@ -71,12 +73,12 @@ def make_image_folder(root, classes=4, per_class=128, val_per_class=64, size=32,
             d = os.path.join(root, split, f"class_{c}")
             os.makedirs(d, exist_ok=True)
             for i in range(n):
-                p = rng.uniform(3.5, 9)  # texture period (px)
+                p = rng.uniform(3.5, 9) * size / 32  # texture period (px)
                 u, v = 2 * np.pi * (yy / p + rng.uniform()), 2 * np.pi * (xx / p + rng.uniform())
                 texture = [np.sin(u), np.sin(v), np.sign(np.sin(u) * np.sin(v)), 2.0 * (np.cos(u) + np.cos(v) > 1) - 1][c]
                 img = 128 + 60 * texture
                 for _ in range(rng.integers(6, 16)):  # clutter: flat rectangles of random size, place and grey
-                    h, w = rng.integers(3, 13, 2)
+                    h, w = (rng.integers(3, 13, 2) * size) // 32
                     y, x = rng.integers(0, size - h), rng.integers(0, size - w)
                     img[y:y + h, x:x + w] = rng.uniform(0, 255)
                 img = img[..., None] + rng.normal(0, 6, (size, size, 3))
@@ -132,7 +134,7 @@ if not data:
     data = os.path.join(out, "data")
     if not os.path.isdir(os.path.join(data, "val")):
         print(f"generating a small image folder in {data}")
-        make_image_folder(data, size=args.img_size, seed=args.seed)
+        make_image_folder(data, size=2 * args.img_size, seed=args.seed)  # twice the model's size: see the docstring
 data = os.path.abspath(data)
 common = ["--data_path", data, "--num_workers", args.num_workers, "--device", args.device]
 seed = ["--seed", args.seed]  # knn.py draws nothing at random
@@ -141,7 +143,7 @@ model = ["--model", args.model, "--img_size", args.img_size, "--patch_size", arg
 extra = {s: shlex.split(getattr(args, f"{s}_args")) for s in ("mae", "head", "ct", "knn", "probe", "logreg")}
 if not args.data_path:  # the generated folder's recipe: 512 images, a few hundred steps; --X_args come later and win
     for s, flags in (("mae", "--views 1 --blr 1e-3 --warmup_epochs 2"), ("head", "--queue_size 256 --blr 4e-4"),
-                     ("ct", "--blr 8e-3 --head_blr 8e-3 --encoder_ema 0.9 --topk 3")):
+                     ("ct", "--blr 8e-3 --head_blr 8e-3 --encoder_ema 0.9 --topk 1")):
         extra[s] = shlex.split(flags) + extra[s]
 times = {}
 t_start = time.time()
