@@ -588,8 +588,8 @@ def main(args):
         init = args.init or (ckpt["encoder_init"] if ckpt is not None else "")
         if not init:
             raise ValueError("--init (the encoder checkpoint, e.g. mae.pt) is required")
-        size = ckpt["model_args"] if ckpt is not None else dict(img_size=args.img_size, heads=args.heads)
-        encoder, model_args = build_encoder(init, size["img_size"], size["heads"])
+        want = ckpt["model_args"] if ckpt is not None else dict(img_size=args.img_size, heads=args.heads)  # resumed: its own
+        encoder, model_args = build_encoder(init, want["img_size"], want["heads"])
         if ckpt is not None and model_args != ckpt["model_args"]:
             raise ValueError(f"{init} holds a {model_args} encoder, the resumed head was trained on {ckpt['model_args']}")
         pool = ckpt["pool"] if ckpt is not None else args.pool
