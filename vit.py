@@ -1,19 +1,21 @@
 """
 The Vision Transformer shared by every stage of MAE-CT, and what belongs to it:
-blocks, random masking, pooling, the attention backend, checkpoint loading
-(this project's, facebookresearch/mae's and the MAE-CT releases') and the
-optimizer parameter groups (weight decay, layer-wise lr decay).
+the input normalisation, blocks, random masking, pooling, the attention backend,
+checkpoint loading (this project's, facebookresearch/mae's and the MAE-CT
+releases') and the optimizer parameter groups (weight decay, layer-wise lr decay).
 
 Parameter names are those of facebookresearch/mae and timm's VisionTransformer
 (cls_token, pos_embed, patch_embed.proj, blocks.{i}.norm1/attn.qkv/attn.proj/
 norm2/mlp.fc1/mlp.fc2, norm), so the encoder's state dict loads unchanged into
 timm's model of the same size and back.
 
+    import vit
     from vit import load_encoder, pool
     enc = load_encoder("ct.pt")          # eval mode, on CPU, built from the file alone
-    tokens = enc(images)                 # (B, 1+N, D) after the final norm
+    tokens = enc(vit.normalize(images))  # images (B, 3, H, W) in [0, 255] -> (B, 1+N, D) after the final norm
     feats = pool(tokens, "mean")         # (B, D)
 """
+import functools
 import math
 import os
 import sys
@@ -129,6 +131,30 @@ def attention(qkv):
         att = (q @ k.transpose(-2, -1)) * hd ** -0.5
         out = att.softmax(dim=-1) @ v
     return out.transpose(1, 2).reshape(B, N, H * hd)
+
+# -----------------------------------------------------------------------------
+# the input: pixels in [0, 255], normalised per channel with the ImageNet statistics that facebookresearch/mae,
+# timm and the MAE-CT releases were trained with
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@functools.lru_cache
+def _mean_std(device):  # built once per device: a fresh tensor per batch would be a host-to-device copy each time
+    return (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255,
+            torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255)
+
+
+def normalize(x):
+    """(B, 3, H, W) pixels in [0, 255] -> the encoder's input."""
+    mean, std = _mean_std(x.device)
+    return (x - mean) / std
+
+
+def denormalize(x):
+    """The inverse of normalize: the encoder's input -> pixels in [0, 255] (not clamped)."""
+    mean, std = _mean_std(x.device)
+    return x * std + mean
 
 # -----------------------------------------------------------------------------
 # the model
@@ -340,6 +366,9 @@ def encoder_state(ckpt, path="checkpoint", which="ema"):
             origin = ckpt.get("encoder_init", "?")
             raise ValueError(f"{path} is a {ckpt['stage']} checkpoint and holds no encoder "
                              f"(its encoder came from {origin}); pass an encoder checkpoint")
+        if ckpt["stage"] not in ("mae", "ct"):
+            raise ValueError(f"{path} is a {ckpt['stage']} checkpoint; an encoder checkpoint is mae.pt, ct.pt, "
+                             f"a facebookresearch/mae or MAE-CT release")
         if which == "ema" and "encoder_ema" in ckpt:
             sd = ckpt["encoder_ema"]
         elif which in ("ema", "online"):
