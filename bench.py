@@ -19,6 +19,7 @@ autograd (head, ct), and on CUDA bf16 autocast vs float32 (TF32 matmuls) and fus
 """
 import argparse
 import copy
+import functools
 import gc
 import json
 import math
@@ -43,7 +44,8 @@ import vit
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--stages", default="mae,head,ct,extract,data", help="comma list of mae, head, ct, extract, data")
 parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
-parser.add_argument("--model", default="", help=f"preset: {', '.join(vit.PRESETS)} (default: vit_b16 on CUDA, vit_tiny on CPU)")
+parser.add_argument("--model", default="",
+                    help=f"preset: {', '.join(vit.PRESETS)} (default: vit_b16 on CUDA, vit_tiny on CPU)")
 parser.add_argument("--img_size", type=int, default=0, help="0 = 224 on CUDA, 64 on CPU")
 parser.add_argument("--patch_size", type=int, default=0, help="0 = the preset's on CUDA, 8 on CPU")
 parser.add_argument("--dim", type=int, default=0, help="0 = the preset's")
@@ -57,17 +59,21 @@ parser.add_argument("--warmup", type=int, default=0, help="untimed steps first; 
 parser.add_argument("--iters", type=int, default=0, help="timed steps; 0 = 10 on CUDA, 3 on CPU")
 parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                     help="autocast dtype; auto = bfloat16 on CUDA, float32 on CPU")
-parser.add_argument("--attn", default="auto", help="comma list of sdpa, math, flash_attn; auto = sdpa,math (+flash_attn where installed)")
+parser.add_argument("--attn", default="auto",
+                    help="comma list of sdpa, math, flash_attn; auto = sdpa,math (+flash_attn where installed)")
 parser.add_argument("--compile", default="0", help="comma list of 0 / 1 (torch.compile off / on)")
 parser.add_argument("--wins", type=int, default=1, help="1: also measure the known wins as row pairs")
-parser.add_argument("--peak_tflops", type=float, default=0, help="dense peak for MFU; 0 = by GPU name (H100/H200 989 bf16, A100 312)")
+parser.add_argument("--peak_tflops", type=float, default=0,
+                    help="dense peak for MFU; 0 = by GPU name (H100/H200 989 bf16, A100 312)")
 parser.add_argument("--queue_size", type=int, default=65536, help="NNCLR queue length (head, ct)")
 parser.add_argument("--data_images", type=int, default=200, help="JPEGs generated for --stages data")
-parser.add_argument("--data_img_size", type=int, default=224, help="crop size of the data stage (the training resolution)")
+parser.add_argument("--data_img_size", type=int, default=224,
+                    help="crop size of the data stage (the training resolution)")
 parser.add_argument("--json", type=int, default=0, help="1: print one JSON object instead of markdown tables")
 parser.add_argument("--profile", type=int, default=0, help="N > 0: after each row's timing, profile one step and print "
                     "its N most expensive ops (device time on CUDA) to stderr")
-parser.add_argument("--threads", type=int, default=0, help="torch's CPU threads; 0 = 1 on CPU (per-core numbers, steady on a "
+parser.add_argument("--threads", type=int, default=0,
+                    help="torch's CPU threads; 0 = 1 on CPU (per-core numbers, steady on a "
                     "machine shared with other jobs, where several threads stall each other), torch's default on CUDA")
 parser.add_argument("--seed", type=int, default=0)
 
@@ -77,7 +83,7 @@ def fail(msg):  # one clear line
     sys.exit(2)
 
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet, as in every stage script
+MEAN, STD = vit.IMAGENET_MEAN, vit.IMAGENET_STD  # what vit.normalize uses
 PEAKS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 TFLOP/s per GPU (vendor datasheets)
 
 # -----------------------------------------------------------------------------
@@ -116,7 +122,8 @@ def encoder_flops(model_args, no_grad_blocks):
     lower `no_grad_blocks` blocks 1x, the blocks above 3x (no_grad_blocks = depth: the whole encoder 1x)."""
     L = model_args["depth"]
     frozen = vit.flops_per_image(dict(model_args, depth=no_grad_blocks))  # includes the patch embedding
-    trained = vit.flops_per_image(dict(model_args, depth=L - no_grad_blocks)) - vit.flops_per_image(dict(model_args, depth=0))
+    trained = (vit.flops_per_image(dict(model_args, depth=L - no_grad_blocks))
+               - vit.flops_per_image(dict(model_args, depth=0)))
     return frozen + 3 * trained
 
 
@@ -126,7 +133,8 @@ def nnclr_flops(model_args, head, queue_size, batch, freeze):
     stage 3 also runs the EMA target projector 1x. The loss: two (B, P) x (P, B) logit matmuls, 2x."""
     P = head.args["proj_dim"]
     if freeze is None:  # stage 2: the head's first layer gets no input gradient
-        per_view = vit.flops_per_image(model_args) + 3 * linear_flops(head) - 2 * head.args["in_dim"] * head.args["proj_hidden"]
+        per_view = (vit.flops_per_image(model_args) + 3 * linear_flops(head)
+                    - 2 * head.args["in_dim"] * head.args["proj_hidden"])
     else:
         per_view = encoder_flops(model_args, freeze) + 3 * linear_flops(head) + linear_flops(head.projector)
     return 2 * (per_view + 2 * P * queue_size) + 2 * 2 * (2 * batch * P)
@@ -139,8 +147,10 @@ def nnclr_flops(model_args, head, queue_size, batch, freeze):
 class Bench:
     def __init__(self, args, device):
         self.args, self.device, self.cuda = args, device, device.startswith("cuda")
-        self.model_args = vit.model_args_from_preset(args.model, args.img_size, args.patch_size, args.dim, args.depth, args.heads)
-        self.dec_args = dict(dec_dim=args.dec_dim, dec_depth=args.dec_depth, dec_heads=args.dec_heads, norm_pix_loss=True)
+        self.model_args = vit.model_args_from_preset(args.model, args.img_size, args.patch_size,
+                                                     args.dim, args.depth, args.heads)
+        self.dec_args = dict(dec_dim=args.dec_dim, dec_depth=args.dec_depth, dec_heads=args.dec_heads,
+                             norm_pix_loss=True)
         self.mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255
 
@@ -153,7 +163,8 @@ class Bench:
         return (x.float() - self.mean) / self.std
 
     def autocast(self, cfg):
-        return nullcontext() if cfg["dtype"] == "float32" else torch.autocast(self.device.split(":")[0], dtype=getattr(torch, cfg["dtype"]))
+        return (nullcontext() if cfg["dtype"] == "float32"
+                else torch.autocast(self.device.split(":")[0], dtype=getattr(torch, cfg["dtype"])))
 
     def adamw(self, groups, cfg, lr=1e-4):
         """AdamW as the stage scripts build it: fused on CUDA (cfg "foreach": the multi-tensor kernels)."""
@@ -267,7 +278,8 @@ def make_jpegs(root, n, seed=0, size=(500, 375)):
             x1, y1 = x0 + rng.integers(20, w // 2), y0 + rng.integers(20, h // 2)
             img[y0:y1, x0:x1] = img[y0:y1, x0:x1] * 0.4 + rng.uniform(0, 255, 3) * 0.6
         img += rng.normal(0, 12, (h, w, 1)) + rng.normal(0, 4, (h, w, 3))  # grain
-        Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(os.path.join(root, "class_0", f"{i:05d}.jpg"), quality=90)
+        Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(os.path.join(root, "class_0", f"{i:05d}.jpg"),
+                                                                quality=90)
     return root
 
 
@@ -279,7 +291,8 @@ def standard_sample(path, img_size, rng):
     """The torchvision way, all on the CPU worker: full decode, RandomResizedCrop (crop, then resize,
     scale 0.2-1, bicubic), flip, ToTensor (float32 in [0, 1]), Normalize. -> (3, S, S) float32."""
     img = Image.open(path).convert("RGB")
-    img = img.crop(mae_pretrain.random_resized_crop(rng, *img.size, (0.2, 1.0))).resize((img_size, img_size), Image.BICUBIC)
+    img = (img.crop(mae_pretrain.random_resized_crop(rng, *img.size, (0.2, 1.0)))
+           .resize((img_size, img_size), Image.BICUBIC))
     if rng.random() < 0.5:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     x = torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous().float().div(255)
@@ -294,8 +307,10 @@ def bench_data(args, device):
     root = tempfile.mkdtemp(prefix="bench_jpegs_")
     try:
         make_jpegs(root, args.data_images, args.seed)
-        ds = mae_pretrain.ImageFolder(root, args.data_img_size, views=1, train=True, seed=args.seed, resize=False)  # as on a GPU
-        ds_cpu = mae_pretrain.ImageFolder(root, args.data_img_size, views=1, train=True, seed=args.seed)
+        views = functools.partial(mae_pretrain.train_boxes, views=1)  # one RandomResizedCrop(0.2-1) + flip
+        ds = mae_pretrain.ImageFolder(root, args.data_img_size, views, mae_pretrain.flip_each, args.seed,
+                                      resize=False)  # as on a GPU
+        ds_cpu = mae_pretrain.ImageFolder(root, args.data_img_size, views, mae_pretrain.flip_each, args.seed)
         paths = [p for p, _ in ds.samples]
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -371,14 +386,15 @@ def measure(bench, stage, cfg):
                 times.append(time.perf_counter() - t0)
             dt = sorted(times)[len(times) // 2]
         if args.profile:  # where one step's time goes, op by op (kernels generated by compile show by name)
-            acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if bench.cuda else [])
+            acts = ([torch.profiler.ProfilerActivity.CPU]
+                    + ([torch.profiler.ProfilerActivity.CUDA] if bench.cuda else []))
             with torch.profiler.profile(activities=acts) as prof:
                 step()
                 if bench.cuda:
                     torch.cuda.synchronize()
             key = "self_device_time_total" if bench.cuda else "self_cpu_time_total"
-            print(f"profile of one {stage} step, {cfg}:\n" + prof.key_averages().table(sort_by=key, row_limit=args.profile),
-                  file=sys.stderr)
+            print(f"profile of one {stage} step, {cfg}:\n"
+                  + prof.key_averages().table(sort_by=key, row_limit=args.profile), file=sys.stderr)
     except Exception as e:  # one failing configuration (out of memory, a compile error) does not end the run
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:160]
         print(f"{stage} {cfg}: {row['error']}", file=sys.stderr)
@@ -400,7 +416,8 @@ def configs(args, stage, cuda):
     """Rows for one stage: the attention x compile grid, then the known wins, each a change of the base
     row (first attention backend, first compile value). -> [(cfg, name of the win or None)]"""
     attns, compiles = args.attn.split(","), [int(c) for c in args.compile.split(",")]
-    base = dict(attn=attns[0], compile=compiles[0], dtype=args.dtype, optim="fused" if cuda else "foreach", frozen="no_grad")
+    base = dict(attn=attns[0], compile=compiles[0], dtype=args.dtype, optim="fused" if cuda else "foreach",
+                frozen="no_grad")
     grid = [(a, compiles[0]) for a in attns] + [(attns[0], c) for c in compiles[1:]]  # one factor at a time
     out = [(dict(base, attn=a, compile=c), None) for a, c in grid]
     if args.wins and stage in ("head", "ct"):
@@ -423,7 +440,8 @@ def markdown(rows, cols):
     """cols: [(header, key, digits)] -> a markdown table."""
     lines = ["| " + " | ".join(c[0] for c in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        lines.append("| " + " | ".join(fmt(r.get(k), nd) if not (k == "img_s" and "error" in r) else r["error"] for _, k, nd in cols) + " |")
+        lines.append("| " + " | ".join(fmt(r.get(k), nd) if not (k == "img_s" and "error" in r) else r["error"]
+                                       for _, k, nd in cols) + " |")
     return "\n".join(lines)
 
 
@@ -484,8 +502,9 @@ def main(args):
         return
     steps = [r for r in rows if r["stage"] != "data"]
     if steps:
-        print(f"{env['device']}, torch {env['torch']}, {args.model} {bench.model_args}, batch {args.batch_size}, {args.warmup} "
-              f"warm-up + {args.iters} timed steps" + (f", MFU vs {args.peak_tflops:g} TFLOP/s" if args.peak_tflops else ""))
+        print(f"{env['device']}, torch {env['torch']}, {args.model} {bench.model_args}, batch {args.batch_size}, "
+              f"{args.warmup} warm-up + {args.iters} timed steps"
+              + (f", MFU vs {args.peak_tflops:g} TFLOP/s" if args.peak_tflops else ""))
         cols = [("stage", "stage", 0), ("attn", "attn", 0), ("compile", "compile", 0), ("dtype", "dtype", 0),
                 ("AdamW", "optim", 0), ("frozen", "frozen", 0), ("views", "views", 0), ("img/s", "img_s", 1),
                 ("ms/step", "ms_step", 1), ("GFLOP/img", "gflop_img", 2), ("TFLOP/s", "tflops", 3)]
@@ -500,7 +519,8 @@ def main(args):
                               ("img/s without", "img_s_without", 1), ("speedup", "speedup", 2)]))
     data = [r for r in rows if r["stage"] == "data"]
     if data:
-        print(f"\ninput pipeline, one worker, {data[0]['images']} JPEGs 500x375 q90 -> {args.data_img_size} px crops:\n")
+        print(f"\ninput pipeline, one worker, {data[0]['images']} JPEGs 500x375 q90 -> "
+              f"{args.data_img_size} px crops:\n")
         print(markdown(data, [("pipeline", "variant", 0), ("img/s", "img_s", 1), ("ms/img", "ms_per_img", 2),
                               ("speedup", "speedup", 2)]))
 

@@ -1,17 +1,17 @@
 """
 Stage 1 of MAE-CT: masked autoencoder pretraining of a ViT (He et al. 2021).
 
-Single process (CPU or one GPU):
-    python mae_pretrain.py --data_path DATA --out_dir out/mae
-Several GPUs / nodes (the global --batch_size is split over the processes):
-    torchrun --nproc_per_node 8 mae_pretrain.py --data_path DATA --model vit_b16
+    python mae_pretrain.py --data_path DATA --out_dir out/mae                      # one process, CPU or GPU
+    torchrun --nproc_per_node 8 mae_pretrain.py --data_path DATA --model vit_b16   # the authors' B/16 recipe
 
-Writes out_dir/mae.pt (encoder + decoder + everything to resume), periodic
-out_dir/ckpt_*.pt, out_dir/log.txt (JSON lines) and out_dir/recon_*.png.
+DATA holds train/<class>/* and val/<class>/*; --batch_size is the global batch, split over the processes.
+Writes out_dir/mae.pt (encoder + decoder + the state to resume), periodic out_dir/ckpt_*.pt,
+out_dir/log.txt (JSON lines) and out_dir/recon_*.png (val images / masked / reconstruction).
 """
 import argparse
 import atexit
 import fcntl
+import functools
 import glob
 import json
 import math
@@ -37,263 +37,16 @@ from tqdm import tqdm
 import vit
 
 # -----------------------------------------------------------------------------
-# flags
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--data_path", required=True, help="image folder with train/<class>/* and val/<class>/*")
-parser.add_argument("--out_dir", default="out/mae")
-parser.add_argument("--init", default="", help="start from a checkpoint (this project's mae.pt or a facebookresearch/mae one)")
-parser.add_argument("--resume", default="", help="a checkpoint to continue, or 'auto' for the newest in out_dir")
-parser.add_argument("--model", default="vit_b16", help=f"preset: {', '.join(vit.PRESETS)}")
-parser.add_argument("--img_size", type=int, default=224)
-parser.add_argument("--patch_size", type=int, default=0, help="0 = the preset's")
-parser.add_argument("--dim", type=int, default=0, help="0 = the preset's")
-parser.add_argument("--depth", type=int, default=0, help="0 = the preset's")
-parser.add_argument("--heads", type=int, default=0, help="0 = the preset's")
-parser.add_argument("--dec_dim", type=int, default=512)
-parser.add_argument("--dec_depth", type=int, default=8)
-parser.add_argument("--dec_heads", type=int, default=16)
-parser.add_argument("--mask_ratio", type=float, default=0.75)
-parser.add_argument("--norm_pix_loss", type=int, default=1, help="1: per-patch normalised pixel targets")
-parser.add_argument("--views", type=int, default=2, help="independent crops per image per step (authors: 2)")
-parser.add_argument("--epochs", type=int, default=800)
-parser.add_argument("--warmup_epochs", type=float, default=20)
-parser.add_argument("--batch_size", type=int, default=1024, help="images per optimizer step, over all processes")
-parser.add_argument("--grad_accum", type=int, default=1, help="split each process's batch into this many micro-batches")
-parser.add_argument("--blr", type=float, default=1.5e-4, help="lr = blr * batch_size * views / 256")
-parser.add_argument("--min_lr", type=float, default=0.0)
-parser.add_argument("--weight_decay", type=float, default=0.05)
-parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
-parser.add_argument("--compile", type=int, default=0)
-parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
-parser.add_argument("--num_workers", type=int, default=8, help="data loader processes per GPU/process")
-parser.add_argument("--seed", type=int, default=0)
-parser.add_argument("--log_interval", type=int, default=20, help="iterations")
-parser.add_argument("--eval_interval", type=int, default=1000, help="iterations between val loss + picture")
-parser.add_argument("--ckpt_interval", type=int, default=1000, help="iterations between checkpoints")
-parser.add_argument("--keep_last", type=int, default=2, help="periodic checkpoints kept (0 = all)")
-parser.add_argument("--skip_bad_images", type=int, default=0, help="1: log unreadable images and use another")
-parser.add_argument("--max_iters", type=int, default=0, help="stop after this many iterations (0 = epochs)")
-
-# flags a resumed run must share with the checkpoint it continues (the run's length may change)
-RESUME_FLAGS = ("model", "img_size", "patch_size", "dim", "depth", "heads", "dec_dim", "dec_depth", "dec_heads",
-                "mask_ratio", "norm_pix_loss", "views", "warmup_epochs", "batch_size", "blr", "min_lr", "weight_decay",
-                "seed")
-
-
-def fail(msg):  # one clear line (on a line of its own under a progress bar), every rank stops
-    tqdm.write(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def check_flags(args, rules):
-    """rules: rows (flags, wanted, test). One line per flag out of its range (a list flag: any entry), then exit 2,
-    before anything runs."""
-    bad = []
-    for flags, wanted, ok in rules:
-        for flag in flags.split():
-            v = getattr(args, flag)
-            if not all(ok(x) for x in (v if isinstance(v, list) else [v])):
-                bad.append(f"error: --{flag} {' '.join(map(str, v)) if isinstance(v, list) else v} must be {wanted}")
-    if bad:
-        print("\n".join(bad), file=sys.stderr)
-        sys.exit(2)
-
-
-# -----------------------------------------------------------------------------
-# data: image folder -> uint8 crops (normalised on the device, which is cheaper than on the CPU)
-IMG_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif")
-
-
-def scan_image_folder(root):
-    """[(path, class_index)], classes: subfolder names in string order ("0", "10", "2"); the images directly in each
-    (not in nested folders); names starting with "." (macOS ._* files, .ipynb_checkpoints) are not read. Fails loudly
-    on an empty layout."""
-    if not os.path.isdir(root):
-        fail(f"image folder not found: {root}")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    if not classes:
-        fail(f"no class folders in {root} (expected {root}/<class>/<image>)")
-    samples = []
-    for c, name in enumerate(classes):
-        files = sorted(f for f in os.listdir(os.path.join(root, name)) if f.lower().endswith(IMG_EXTS) and f[0] != ".")
-        if not files:
-            fail(f"class folder {os.path.join(root, name)} holds no images ({', '.join(IMG_EXTS)})")
-        samples += [(os.path.join(root, name, f), c) for f in files]
-    return samples, classes
-
-
-def to_rgb(img):
-    """Any PIL image -> 8-bit RGB. convert("RGB") clips 16- and 32-bit integers at 255 (near white) and takes floats
-    as 0-255 (near black), so those are scaled here: integers (I;16*, I) by 255 / 65535, values outside 0-65535
-    refused; floats (F) by 255, values outside [0, 1] refused (torchvision's float range). Refusals and modes
-    convert("RGB") gets wrong (LAB) raise OSError: an unreadable image."""
-    if img.mode in ("RGB", "1", "L", "P", "PA", "LA", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "HSV"):
-        return img if img.mode == "RGB" else img.convert("RGB")
-    if img.mode not in ("I", "F") and not img.mode.startswith("I;16"):
-        raise OSError(f"image mode {img.mode} is not supported (save it as RGB)")
-    a, (hi, scale) = np.asarray(img, dtype=np.float64), (1, 255) if img.mode == "F" else (65535, 255 / 65535)  # (h, w)
-    if not 0 <= a.min() <= a.max() <= hi:  # NaN fails too
-        raise OSError(f"mode {img.mode} values span [{a.min():g}, {a.max():g}], outside [0, {hi}] (save it as RGB)")
-    return Image.fromarray(np.rint(a * scale).astype(np.uint8)).convert("RGB")
-
-
-def random_resized_crop(rng, w, h, scale, ratio=(3 / 4, 4 / 3)):
-    """Crop box (left, top, right, bottom) of RandomResizedCrop, drawn with `rng`."""
-    area = w * h
-    for _ in range(10):
-        target = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
-        if 0 < cw <= w and 0 < ch <= h:
-            x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
-            return x, y, x + cw, y + ch
-    aspect = min(max(w / h, ratio[0]), ratio[1])  # fall back to a centre crop
-    cw, ch = (w, round(w / aspect)) if w / h < aspect else (round(h * aspect), h)
-    cw, ch = min(cw, w), min(ch, h)
-    return (w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch
-
-
-class UnreadableImage(RuntimeError):
-    """A DataLoader worker's arrives as UnreadableImage(its traceback): keep the last line, the message."""
-
-    def __init__(self, msg):
-        super().__init__(msg.strip().splitlines()[-1].partition("UnreadableImage: ")[2] or msg)
-
-
-class ImageFolder(torch.utils.data.Dataset):
-    """Items are (epoch, index) pairs from the sampler, so each augmentation is a function of
-    (seed, epoch, index) alone: any worker count, any restart, the same crops. resize=False: the crops
-    leave the worker at their own size and are resized on the GPU (crops_to_batch), which takes a
-    third of a worker's time off it at 224 px; on a CPU the workers resize, in parallel to training."""
-
-    def __init__(self, root, img_size, views, train, seed=0, skip_bad=False, resize=True):
-        self.samples, self.classes = scan_image_folder(root)
-        self.img_size, self.views, self.train, self.seed, self.skip_bad = img_size, views, train, seed, skip_bad
-        self.resize, self.bad = resize, 0
-
-    def __len__(self):
-        return len(self.samples)
-
-    def load(self, i, boxes_fn):
-        """Decode image i and cut the boxes that boxes_fn(w, h) returns. JPEGs are decoded at reduced
-        size (PIL draft: DCT scaling) when even the smallest crop stays at least twice img_size."""
-        for attempt in range(len(self.samples)):
-            path = self.samples[(i + attempt) % len(self.samples)][0]
-            try:
-                img = Image.open(path)
-                w, h = img.size
-                boxes = boxes_fn(w, h)
-                f = min(min(b[2] - b[0], b[3] - b[1]) for b in boxes) / self.img_size
-                if f >= 2:
-                    img.draft(None, (math.ceil(w / f), math.ceil(h / f)))
-                k = round(w / img.size[0])  # the draft's DCT scale (1, 2, 4 or 8); it rounds sides up
-                img = to_rgb(img)
-                S, label = self.img_size, self.samples[(i + attempt) % len(self.samples)][1]
-                if self.resize:  # crop + bicubic resize in one resample
-                    return [img.resize((S, S), Image.BICUBIC, box=tuple(v / k for v in b)) for b in boxes], label
-                return [img.crop(tuple(min(round(v / k), s) for v, s in zip(b, img.size * 2))) for b in boxes], label
-            except (OSError, Image.DecompressionBombError) as e:  # the bomb: over twice Image.MAX_IMAGE_PIXELS
-                if not self.skip_bad:
-                    raise UnreadableImage(f"unreadable image {path}: {e} "
-                                          "(use --skip_bad_images 1 to skip such files)") from None
-                self.bad += 1
-                print(f"warning: skipping unreadable image {path} ({e}); {self.bad} skipped in this worker", file=sys.stderr)
-        raise UnreadableImage("no readable image in the dataset")
-
-    def __getitem__(self, item):
-        epoch, i = item
-        rng = random.Random((self.seed * 1_000_003 + epoch) * 1_000_003 + i)
-        if self.train:  # RandomResizedCrop(scale 0.2-1, bicubic) + flip, per view
-            crops, label = self.load(i, lambda w, h: [random_resized_crop(rng, w, h, (0.2, 1.0)) for _ in range(self.views)])
-            crops = [c.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else c for c in crops]
-        else:  # resize the shorter side to img_size, centre crop: the centre square, resized
-            def centre(w, h):
-                s = min(w, h)
-                return [((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)]
-            crops, label = self.load(i, centre)
-        return [torch.from_numpy(np.array(c)) for c in crops], label, i  # V x (h, w, 3) uint8
-
-
-def collate(batch):
-    """Crops differ in size: one flat uint8 tensor (one shared-memory block per batch, not one per crop)
-    and their (h, w), sample 0's views first. -> flat, sizes (n, 2), labels (b,), indices (b,)"""
-    crops = [c for item in batch for c in item[0]]
-    return (torch.cat([c.flatten() for c in crops]), torch.tensor([c.shape[:2] for c in crops]),
-            torch.tensor([item[1] for item in batch]), torch.tensor([item[2] for item in batch]))
-
-
-def crops_to_batch(flat, sizes, img_size, device):
-    """collate's crops -> (n, 3, S, S) float in [0, 255] on the device; crops not yet S x S get the
-    bicubic resize of RandomResizedCrop here (antialiased, as PIL's)."""
-    flat, out, o = flat.to(device, non_blocking=True).float(), [], 0  # one copy and one cast per batch
-    for h, w in sizes.tolist():
-        x = flat[o:o + h * w * 3].view(1, h, w, 3).permute(0, 3, 1, 2)  # (1, 3, h, w), a view
-        o += h * w * 3
-        out.append(x if (h, w) == (img_size, img_size) else
-                   F.interpolate(x, size=(img_size, img_size), mode="bicubic", antialias=True))
-    return torch.cat(out).clamp_(0, 255)  # bicubic overshoots at edges; PIL clamps too
-
-
-class ShardSampler(torch.utils.data.Sampler):
-    """Epoch-seeded permutation; step s of the epoch takes the global batch perm[s*B:(s+1)*B] and
-    this rank its slice, so the global batch does not depend on the number of processes.
-    Drops the last incomplete batch. start_step skips steps already done (resume)."""
-
-    def __init__(self, n, batch_size, rank, world, seed):
-        self.n, self.batch_size, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
-        self.steps = n // batch_size
-        self.epoch, self.start_step = 0, 0
-
-    def set_epoch(self, epoch, start_step=0):
-        self.epoch, self.start_step = epoch, start_step
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        perm = torch.randperm(self.n, generator=g)[: self.steps * self.batch_size]
-        per_rank = perm.view(self.steps, self.world, -1)[self.start_step:, self.rank].reshape(-1)
-        return iter([(self.epoch, int(i)) for i in per_rank])
-
-    def __len__(self):
-        return (self.steps - self.start_step) * (self.batch_size // self.world)
-
-
-def ignore_stop_signals(worker_id):
-    """worker_init_fn: SIGTERM / SIGUSR1 are the main process's to handle. timeout and SLURM signal
-    every process of the job; torch's own worker handler dies on a SIGTERM that is not from its
-    parent, and the main process would then crash instead of checkpointing. start_workers blocks them until here."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGUSR1})
-
-
-def start_workers(loader):
-    """iter(loader), SIGTERM / SIGUSR1 held back while it forks workers: one would die of them before ignoring them."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})
-    try:
-        return iter(loader)
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGUSR1})
-
-
-def shut_down():
-    """Every way out (__main__'s finally). The workers ignore SIGTERM, which the loader's and multiprocessing's exit
-    send before joining them: SIGKILL them, torch's SIGCHLD handler off (it would raise). A stop signal is ignored
-    from now on: during the exit the interpreter restores its default action, which would kill the process."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    for p in multiprocessing.active_children():
-        p.kill()
-        p.join()
-
-
-# -----------------------------------------------------------------------------
-# model: the ViT encoder plus the MAE decoder. A subclass of vit.ViT, so the state dict has
-# facebookresearch/mae's names (encoder keys + mask_token / decoder_*) and its full checkpoints load.
+# the method: the ViT encoder of vit.py on the visible patches, a light decoder that predicts every patch's
+# pixels, the loss on the removed patches (REFERENCE §2)
 
 
 class MAE(vit.ViT):
-    def __init__(self, img_size, patch_size, dim, depth, heads, dec_dim=512, dec_depth=8, dec_heads=16, norm_pix_loss=True):
+    """A subclass of vit.ViT, so that the state dict has facebookresearch/mae's names (the encoder's, then
+    mask_token and decoder_*) and its full checkpoints load."""
+
+    def __init__(self, img_size, patch_size, dim, depth, heads, dec_dim=512, dec_depth=8, dec_heads=16,
+                 norm_pix_loss=True):
         super().__init__(img_size, patch_size, dim, depth, heads)
         self.dec_args = dict(dec_dim=dec_dim, dec_depth=dec_depth, dec_heads=dec_heads, norm_pix_loss=norm_pix_loss)
         self.norm_pix_loss = norm_pix_loss
@@ -347,39 +100,465 @@ def split_state(sd):  # full MAE state dict -> (encoder keys, decoder keys)
     return {k: v for k, v in sd.items() if k not in dec}, dec
 
 
+def train_boxes(rng, w, h, views):  # RandomResizedCrop(scale 0.2-1, ratio 3/4-4/3, bicubic), one box per view
+    return [random_resized_crop(rng, w, h, (0.2, 1.0)) for _ in range(views)]
+
+
+def val_box(rng, w, h):  # the centre square, resized: "resize the shorter side, centre crop"
+    s = min(w, h)
+    return [((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)]
+
+
+@torch.no_grad()
+def reconstruct(model, imgs, noise, mask_ratio, autocast):
+    """Val loss and a picture: rows of val images, the masked input, the reconstruction with the visible patches
+    pasted in. With norm_pix_loss the model predicts each patch normalised by its own mean and std: the picture
+    puts the true patch's statistics back, as facebookresearch/mae's visualisation does."""
+    with autocast:
+        loss, pred, mask = model(imgs, mask_ratio, noise)
+    if model.norm_pix_loss:
+        t = model.patchify(imgs)
+        pred = pred.float() * (t.var(-1, keepdim=True) + 1e-6) ** 0.5 + t.mean(-1, keepdim=True)
+    m = model.unpatchify(mask.unsqueeze(-1).expand(-1, -1, pred.shape[-1]))[:8]
+    recon, imgs = model.unpatchify(pred.float())[:8], imgs[:8]
+    gray = vit.normalize(torch.full((1, 3, 1, 1), 128.0, device=imgs.device))
+    rows = [imgs, imgs * (1 - m) + gray * m, imgs * (1 - m) + recon * m]  # 3 x (k, 3, S, S)
+    grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # (3, 3S, kS)
+    grid = vit.denormalize(grid[None])[0].clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()
+    up = max(1, 96 // imgs.shape[-1])  # small images are upscaled to be visible
+    return loss.item(), Image.fromarray(grid).resize((grid.shape[1] * up, grid.shape[0] * up), Image.NEAREST)
+
+
 # -----------------------------------------------------------------------------
-# small helpers shared in shape by every stage script
+# flags (defaults: the authors' recipe, REFERENCE §2)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--data_path", required=True, help="image folder with train/<class>/* and val/<class>/*")
+parser.add_argument("--out_dir", default="out/mae")
+parser.add_argument("--init", default="", help="start from this project's mae.pt or a facebookresearch/mae file")
+parser.add_argument("--resume", default="", help="a checkpoint to continue, or 'auto': the newest in out_dir")
+parser.add_argument("--model", default="vit_b16", help=f"preset: {', '.join(vit.PRESETS)}")
+parser.add_argument("--img_size", type=int, default=224)
+parser.add_argument("--patch_size", type=int, default=0, help="0 = the preset's")
+parser.add_argument("--dim", type=int, default=0, help="0 = the preset's")
+parser.add_argument("--depth", type=int, default=0, help="0 = the preset's")
+parser.add_argument("--heads", type=int, default=0, help="0 = the preset's")
+parser.add_argument("--dec_dim", type=int, default=512)
+parser.add_argument("--dec_depth", type=int, default=8)
+parser.add_argument("--dec_heads", type=int, default=16)
+parser.add_argument("--mask_ratio", type=float, default=0.75)
+parser.add_argument("--norm_pix_loss", type=int, default=1, help="1: per-patch normalised pixel targets")
+parser.add_argument("--views", type=int, default=2, help="independent crops per image per step (authors: 2)")
+parser.add_argument("--epochs", type=int, default=800)
+parser.add_argument("--warmup_epochs", type=float, default=20)
+parser.add_argument("--batch_size", type=int, default=1024, help="images per optimizer step, over all processes")
+parser.add_argument("--grad_accum", type=int, default=1, help="micro-batches per process and step")
+parser.add_argument("--blr", type=float, default=1.5e-4, help="lr = blr * batch_size * views / 256")
+parser.add_argument("--min_lr", type=float, default=0.0)
+parser.add_argument("--weight_decay", type=float, default=0.05)
+parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+parser.add_argument("--compile", type=int, default=0)
+parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+parser.add_argument("--num_workers", type=int, default=8, help="data-loading processes per process")
+parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--log_interval", type=int, default=20, help="iterations")
+parser.add_argument("--eval_interval", type=int, default=1000, help="iterations between val loss + picture")
+parser.add_argument("--ckpt_interval", type=int, default=1000, help="iterations between checkpoints")
+parser.add_argument("--keep_last", type=int, default=2, help="periodic checkpoints kept (0 = all)")
+parser.add_argument("--skip_bad_images", type=int, default=0, help="1: log unreadable images and use others")
+parser.add_argument("--max_iters", type=int, default=0, help="stop after this many iterations (0 = epochs)")
 
-def get_lr(it, lr, min_lr, warmup_iters, max_iters):
-    """Per optimizer step: linear warmup, lr * (it + 1) / (warmup_iters + 1) at step it < warmup_iters (the
-    authors' schedule: the first step does not run at lr 0), then cosine from lr at warmup_iters to min_lr."""
-    if it < warmup_iters:
-        return lr * (it + 1) / (warmup_iters + 1)
-    progress = min(1.0, (it - warmup_iters) / max(1, max_iters - warmup_iters))
-    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+# flags a resumed run must share with the checkpoint it continues (the run's length may change)
+RESUME_FLAGS = ("model", "img_size", "patch_size", "dim", "depth", "heads", "dec_dim", "dec_depth", "dec_heads",
+                "mask_ratio", "norm_pix_loss", "views", "warmup_epochs", "batch_size", "blr", "min_lr",
+                "weight_decay", "seed")
 
 
-def save_atomic(obj, path):
-    """Write to a temp file, flush it to the disk, then rename: a crash or a full disk mid-write leaves the
-    previous file intact; a failed write (no space left, a quota) removes the temp file, one line."""
+# -----------------------------------------------------------------------------
+def main(args):
+    check_flags(args, [
+        ("epochs batch_size views grad_accum log_interval eval_interval ckpt_interval", ">= 1", lambda v: v >= 1),
+        ("img_size dec_dim dec_depth dec_heads", ">= 1", lambda v: v >= 1),
+        ("max_iters keep_last patch_size dim depth heads", ">= 0", lambda v: v >= 0),
+        ("warmup_epochs blr min_lr weight_decay", ">= 0", lambda v: v >= 0),
+        ("mask_ratio", "in (0, 1)", lambda v: 0 < v < 1),
+        ("norm_pix_loss", "0 or 1", lambda v: v in (0, 1)),
+    ])
+    ddp, ddp_rank, ddp_world_size, device, dtype, autocast = compute_init(args)
+    master_process = ddp_rank == 0
+    torch.manual_seed(args.seed)
+    resume_path, ckpt = start_run(args, "mae", "mae.pt", RESUME_FLAGS)  # out_dir locked; a checkpoint to continue
+    out_dir = args.out_dir
+
+    # data: the stage's crops, cut in the data-loading workers (resized there on a CPU, on the GPU otherwise)
+    train_set = ImageFolder(split_folder(args.data_path, "train"), args.img_size,
+                            functools.partial(train_boxes, views=args.views), flip_each, args.seed,
+                            args.skip_bad_images, resize=device == "cpu")
+    val_set = ImageFolder(split_folder(args.data_path, "val"), args.img_size, val_box, None, args.seed,
+                          args.skip_bad_images)
+    loader = train_loader(train_set, args, device)
+    steps_per_epoch = loader.sampler.steps
+    max_iters = args.max_iters or args.epochs * steps_per_epoch
+    warmup_iters = round(args.warmup_epochs * steps_per_epoch)
+
+    # model: fresh, from --init (the encoder, and the decoder where the file has one), or resumed
     try:
-        with open(path + ".tmp", "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
-    except (OSError, RuntimeError) as e:  # torch.save's zip writer can turn a failed write into a RuntimeError
-        os_error = e if isinstance(e, OSError) else e.__context__
-        if not isinstance(os_error, OSError):
-            raise
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
-        fail(f"cannot write {path}: {os_error.strerror or os_error} (earlier checkpoints are intact)")
+        if ckpt is not None:
+            model_args, dec_args = ckpt["model_args"], ckpt["dec_args"]
+        else:
+            model_args = vit.model_args_from_preset(args.model, args.img_size, args.patch_size, args.dim, args.depth,
+                                                    args.heads)
+            dec_args = dict(dec_dim=args.dec_dim, dec_depth=args.dec_depth, dec_heads=args.dec_heads,
+                            norm_pix_loss=bool(args.norm_pix_loss))
+        model = MAE(**model_args, **dec_args)
+        if ckpt is not None:
+            model.load_state_dict({**ckpt["encoder"], **ckpt["decoder"]})
+        elif args.init:
+            init = vit.load_checkpoint(args.init)
+            if init.get("stage", "mae") != "mae":
+                raise ValueError(f"{args.init}: expected an MAE checkpoint, found a {init['stage']} checkpoint")
+            enc, dec = split_state(init["model"] if "model" in init else {**init.get("encoder", {}),
+                                                                           **init.get("decoder", {})})
+            vit.load_state_strict(vit.ViT(**model_args), enc, args.init)  # names every key that does not fit
+            if dec:
+                vit.load_state_strict(model, {**enc, **dec}, args.init)
+            else:
+                model.load_state_dict(enc, strict=False)
+                if master_process:
+                    print(f"{args.init} has no decoder: the decoder starts from scratch", file=sys.stderr)
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    model.to(device)
 
+    # optimizer: AdamW (0.9, 0.95), no weight decay on biases and 1-D tensors; the lr scales with images x views
+    lr = args.blr * args.batch_size * args.views / 256
+    groups = [{k: v for k, v in g.items() if k != "names"} for g in vit.param_groups(model, args.weight_decay)]
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device != "cpu")
+    scaler = torch.amp.GradScaler(enabled=dtype == "float16")
+    iter_num = 0
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        iter_num = ckpt["iter_num"]
+    raw_model = model
+    if args.compile:
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[device] if device != "cpu" else None)
+
+    def checkpoint():
+        enc, dec = split_state(raw_model.state_dict())
+        return dict(stage="mae", model_args=model_args, dec_args=dec_args, encoder=enc, decoder=dec,
+                    optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=iter_num, args=vars(args))
+
+    def evaluate():  # rank 0: the loss on fixed val images and masks, and the reconstruction picture
+        if master_process:
+            n = min(len(val_set), 64)
+            imgs = vit.normalize(crops_to_batch(*collate([val_set[(0, i)] for i in range(n)])[:2], args.img_size,
+                                                device))
+            noise = torch.rand(n, raw_model.num_patches, generator=torch.Generator().manual_seed(0)).to(device)
+            raw_model.eval()
+            val_loss, picture = reconstruct(raw_model, imgs, noise, args.mask_ratio, autocast)
+            raw_model.train()
+            save_atomic(picture, os.path.join(out_dir, f"recon_{iter_num:08d}.png"))
+            run.log(dict(iter=iter_num, val_loss=round(val_loss, 5)))
+            run.pbar.write(f"iter {iter_num}: val loss {val_loss:.4f}")
+
+    # training loop
+    if master_process:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"MAE {model_args} decoder {dec_args}: {n_params / 1e6:.1f}M params, {len(train_set)} train images, "
+              f"{steps_per_epoch} steps/epoch, {max_iters} iterations, lr {lr:.3g}, {dtype}, "
+              f"{ddp_world_size} process(es)")
+    run = Run(args, ckpt, iter_num, max_iters, steps_per_epoch, device)
+    ckpt = None  # free memory
+    batches = train_batches(loader, iter_num)
+    model.train()
+    while iter_num < max_iters:
+        lr_now = get_lr(iter_num, lr, args.min_lr, warmup_iters, max_iters)
+        for g in optimizer.param_groups:
+            g["lr"] = lr_now * g["lr_scale"]
+        # masking noise for the whole global batch, a function of (seed, iteration) alone: resume needs no RNG
+        # state, and each sample's mask is the same for any number of processes and micro-steps
+        g = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + iter_num)
+        noise = torch.rand(args.batch_size * args.views, raw_model.num_patches, device=device, generator=g)
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(args.grad_accum):
+            x = vit.normalize(crops_to_batch(*next(batches)[:2], args.img_size, device))  # (b*V, 3, S, S)
+            first = (ddp_rank * args.grad_accum + micro) * x.shape[0]  # position in the global batch
+            if ddp:  # sync gradients on the last micro-step only
+                model.require_backward_grad_sync = micro == args.grad_accum - 1
+            with autocast:
+                loss = model(x, args.mask_ratio, noise[first:first + x.shape[0]])[0]
+            scaler.scale(loss / args.grad_accum).backward()
+            loss_sum += loss.detach().float() / args.grad_accum
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        run.step(iter_num, loss_sum, lr=lr_now)  # progress; at log steps the log line and the non-finite check
+        run.save_or_stop(iter_num, checkpoint, evaluate if iter_num % args.eval_interval == 0 else None)
+    run.finish("mae.pt", checkpoint, evaluate)
+
+
+# ==== plumbing: the same in every stage script below this line ====
+# Each stage script is meant to be copied alone with vit.py, so each carries this block. tests/test_layout.py keeps
+# the copies equal (knn.py's without the training-only part); scripts/sync_plumbing.py copies an edit to all.
+
+def fail(msg):
+    """The one line of every failure (on a line of its own under a progress bar), exit status 2."""
+    tqdm.write(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_flags(args, rules):
+    """rules: (flags, wanted, test) rows; the device, worker and 0/1 flags every script has are added. One line per
+    flag out of its range (a list flag: any entry), then exit 2, before anything runs."""
+    bad = []
+    for flags, wanted, ok in rules + [("num_workers", ">= 0", lambda v: v >= 0),
+                                      ("compile skip_bad_images", "0 or 1", lambda v: v in (0, 1)),
+                                      ("device", "auto, cpu, cuda or cuda:N",
+                                       lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v))]:
+        for flag in flags.split():
+            v = getattr(args, flag)
+            if not all(ok(x) for x in (v if isinstance(v, list) else [v])):
+                bad.append(f"error: --{flag} {' '.join(map(str, v)) if isinstance(v, list) else v} must be {wanted}")
+    if bad:
+        print("\n".join(bad), file=sys.stderr)
+        sys.exit(2)
+
+
+def compute_init(args, tf32=True):
+    """Stop signals, DDP (torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; NCCL on GPUs, gloo on CPU), the device and
+    the autocast dtype (bfloat16 on GPUs that have it). -> ddp, ddp_rank, ddp_world_size, device, dtype, autocast"""
+    for s in STOP_SIGNALS:  # SLURM and most schedulers warn with SIGTERM or SIGUSR1: checkpoint, then exit 0
+        signal.signal(s, lambda signum, frame: STOP.append(signum))
+    use_cuda = torch.cuda.is_available() if args.device == "auto" else args.device.startswith("cuda")
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if ddp:
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    ddp_rank, ddp_world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu"
+    if use_cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if use_cuda and torch.cuda.is_bf16_supported() \
+        else "float32"
+    autocast = nullcontext() if dtype == "float32" else torch.autocast(device.split(":")[0], getattr(torch, dtype))
+    return ddp, ddp_rank, ddp_world_size, device, dtype, autocast
+
+
+STOP_SIGNALS, STOP = (signal.SIGTERM, signal.SIGUSR1), []  # the stop signals received
+
+
+def stop_requested(device):
+    """A stop signal to any rank stops every rank at the same step."""
+    stop = torch.tensor(float(bool(STOP)), device=device)
+    if dist.is_initialized():
+        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+    return bool(stop.item())
+
+
+def leave(msg=""):
+    """Every rank together (rank 0 may still be writing; gloo aborts otherwise): the message, then exit 0."""
+    if msg and int(os.environ.get("RANK", 0)) == 0:
+        tqdm.write(msg)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# data: an image folder -> uint8 crops, cut and flipped by data-loading workers, resized and normalised on the GPU
+IMG_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif")
+
+
+def split_folder(data_path, split):
+    path = os.path.join(data_path, split)
+    if not os.path.isdir(path):
+        fail(f"missing split folder {path} (expected {os.path.join(data_path, '{train,val}')}/<class>/<image>)")
+    return path
+
+
+def scan_image_folder(root):
+    """[(path, class index)], classes: subfolder names in string order ("0", "10", "2"), the images directly in each
+    (not in nested folders); names starting with "." (macOS ._* files, .ipynb_checkpoints) are not read."""
+    if not os.path.isdir(root):
+        fail(f"image folder not found: {root}")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        fail(f"no class folders in {root} (expected {root}/<class>/<image>)")
+    samples = []
+    for c, name in enumerate(classes):
+        files = sorted(f for f in os.listdir(os.path.join(root, name)) if f.lower().endswith(IMG_EXTS) and f[0] != ".")
+        if not files:
+            fail(f"class folder {os.path.join(root, name)} holds no images ({', '.join(IMG_EXTS)})")
+        samples += [(os.path.join(root, name, f), c) for f in files]
+    return samples, classes
+
+
+def to_rgb(img):
+    """Any PIL image -> 8-bit RGB. convert("RGB") clips 16- and 32-bit integers at 255 and takes floats as 0-255, so
+    those are scaled: integers (I;16*, I) by 255 / 65535, values outside 0-65535 refused; floats (F) by 255, values
+    outside [0, 1] refused. Refusals and modes convert("RGB") gets wrong (LAB) raise OSError: unreadable images."""
+    if img.mode in ("RGB", "1", "L", "P", "PA", "LA", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "HSV"):
+        return img if img.mode == "RGB" else img.convert("RGB")
+    if img.mode not in ("I", "F") and not img.mode.startswith("I;16"):
+        raise OSError(f"image mode {img.mode} is not supported (save it as RGB)")
+    a, (hi, scale) = np.asarray(img, dtype=np.float64), (1, 255) if img.mode == "F" else (65535, 255 / 65535)
+    if not 0 <= a.min() <= a.max() <= hi:  # NaN fails too
+        raise OSError(f"mode {img.mode} values span [{a.min():g}, {a.max():g}], outside [0, {hi}] (save it as RGB)")
+    return Image.fromarray(np.rint(a * scale).astype(np.uint8)).convert("RGB")
+
+
+class UnreadableImage(RuntimeError):
+    """A DataLoader worker's arrives as UnreadableImage(its traceback): keep the last line, the message."""
+
+    def __init__(self, msg):
+        super().__init__(msg.strip().splitlines()[-1].partition("UnreadableImage: ")[2] or msg)
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """root/<class>/<image>. Items are (epoch, index) pairs from the sampler, and every random draw of an item comes
+    from a function of (seed, epoch, index) alone: any number of workers, any restart, the same crops. The stage's
+    augmentation comes in as two functions: boxes(rng, w, h) -> crop boxes of a w x h image, finish(crops, rng) ->
+    the crops after flips and colour changes (None: as cut). resize=False: crops leave the worker at their own size
+    and crops_to_batch resizes them on the GPU, which takes a third of a worker's time off it at 224 px."""
+
+    def __init__(self, root, img_size, boxes, finish=None, seed=0, skip_bad=False, resize=True):
+        self.samples, self.classes = scan_image_folder(root)
+        self.img_size, self.boxes, self.finish, self.seed = img_size, boxes, finish, seed
+        self.skip_bad, self.resize, self.bad = skip_bad, resize, 0
+
+    def __len__(self):
+        return len(self.samples)
+
+    def load(self, i, boxes_fn):
+        """Decode image i and cut the boxes boxes_fn(w, h) returns -> (crops, label, index of the image used).
+        JPEGs are decoded at reduced size (PIL draft: DCT scaling) when even the smallest crop stays at least
+        twice img_size. An unreadable image stops the run naming the file, or with skip_bad the next one is used."""
+        for attempt in range(len(self.samples)):
+            j = (i + attempt) % len(self.samples)
+            path = self.samples[j][0]
+            try:
+                img = Image.open(path)
+                w, h = img.size
+                boxes = boxes_fn(w, h)
+                f = min(min(b[2] - b[0], b[3] - b[1]) for b in boxes) / self.img_size
+                if f >= 2:
+                    img.draft(None, (math.ceil(w / f), math.ceil(h / f)))
+                k = round(w / img.size[0])  # the draft's DCT scale (1, 2, 4 or 8); it rounds sides up
+                img, S = to_rgb(img), self.img_size
+                if self.resize:  # crop + bicubic resize in one resample
+                    crops = [img.resize((S, S), Image.BICUBIC, box=tuple(v / k for v in b)) for b in boxes]
+                else:
+                    crops = [img.crop(tuple(min(round(v / k), s) for v, s in zip(b, img.size * 2))) for b in boxes]
+                return crops, self.samples[j][1], j
+            except (OSError, Image.DecompressionBombError) as e:  # the bomb: over twice Image.MAX_IMAGE_PIXELS
+                if not self.skip_bad:
+                    raise UnreadableImage(f"unreadable image {path}: {e} "
+                                          "(use --skip_bad_images 1 to skip such files)") from None
+                self.bad += 1
+                print(f"warning: skipping unreadable image {path} ({e}); {self.bad} skipped in this worker",
+                      file=sys.stderr)
+        raise UnreadableImage("no readable image in the dataset")
+
+    def __getitem__(self, item):
+        epoch, i = item
+        rng = random.Random((self.seed * 1_000_003 + epoch) * 1_000_003 + i)
+        crops, label, j = self.load(i, lambda w, h: self.boxes(rng, w, h))
+        crops = self.finish(crops, rng) if self.finish else crops
+        return [torch.from_numpy(np.array(c)) for c in crops], label, j  # V x (h, w, 3) uint8
+
+
+def collate(batch):
+    """Crops differ in size: one flat uint8 tensor (one shared-memory block per batch, not one per crop) and their
+    (h, w), sample 0's views first. -> flat, sizes (n, 2), labels (b,), indices (b,)"""
+    crops = [c for item in batch for c in item[0]]
+    return (torch.cat([c.flatten() for c in crops]), torch.tensor([c.shape[:2] for c in crops]),
+            torch.tensor([item[1] for item in batch]), torch.tensor([item[2] for item in batch]))
+
+
+def crops_to_batch(flat, sizes, img_size, device):
+    """collate's crops -> (n, 3, S, S) float in [0, 255] on the device; crops not yet S x S get the bicubic resize
+    of RandomResizedCrop here (antialiased, as PIL's)."""
+    flat, out, o = flat.to(device, non_blocking=True).float(), [], 0  # one copy and one cast per batch
+    for h, w in sizes.tolist():
+        x = flat[o:o + h * w * 3].view(1, h, w, 3).permute(0, 3, 1, 2)  # (1, 3, h, w), a view
+        o += h * w * 3
+        out.append(x if (h, w) == (img_size, img_size) else
+                   F.interpolate(x, size=(img_size, img_size), mode="bicubic", antialias=True))
+    return torch.cat(out).clamp_(0, 255)  # bicubic overshoots at edges; PIL clamps too
+
+
+def quiet_worker(worker_id):
+    """worker_init_fn: stop signals are the main process's to handle. timeout and SLURM signal every process of the
+    job, and torch's worker dies of a SIGTERM not from its parent; start_workers blocks them until here."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def make_loader(dataset, batch_size, sampler, num_workers, device, persistent=True):
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                                       pin_memory=device != "cpu", persistent_workers=persistent and num_workers > 0,
+                                       collate_fn=collate, worker_init_fn=quiet_worker)
+
+
+def start_workers(loader):
+    """iter(loader), the stop signals held back while it starts workers: one would die of them before ignoring them."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def shut_down():
+    """Every way out (__main__'s finally). The workers ignore SIGTERM, which the loader's and multiprocessing's exit
+    send before joining them: SIGKILL them, torch's SIGCHLD handler off (it would raise). A stop signal is ignored
+    from now on: during the exit the interpreter restores its default action, which would kill the process."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for p in multiprocessing.active_children():
+        p.kill()
+        p.join()
+
+
+@torch.no_grad()
+def extract_features(encoder, dataset, how, dim, batch_size, num_workers, device, autocast, desc="features"):
+    """Pooled features of every image of dataset: (len(dataset), dim) float32 on device, on every rank, in dataset
+    order. Rank r encodes images r, r + world, r + 2 world, ...; the all_gather puts them back in order, so the
+    result does not depend on the number of processes."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    n = len(dataset)
+    per = -(-n // world)  # images per rank; the short ranks' last row stays zero (padding)
+    loader = make_loader(dataset, max(1, batch_size // world), [(0, i) for i in range(rank, n, world)], num_workers,
+                         device, persistent=False)
+    feats, j = torch.zeros(per, dim, device=device), 0
+    try:
+        for flat, sizes, _, _ in tqdm(start_workers(loader), total=len(loader), desc=desc, disable=rank != 0,
+                                      dynamic_ncols=True, leave=False):
+            with autocast:
+                f = vit.pool(encoder(vit.normalize(crops_to_batch(flat, sizes, dataset.img_size, device))), how)
+            feats[j:j + len(f)] = f.float()
+            j += len(f)
+    except UnreadableImage as e:  # from a worker or not: one line (main() may run in the caller's process)
+        fail(str(e))
+    if world > 1:
+        parts = [torch.empty_like(feats) for _ in range(world)]
+        dist.all_gather(parts, feats)
+        feats = torch.stack(parts, dim=1).flatten(0, 1)  # (per, world, dim): row q*world + r is image q*world + r
+    return feats[:n]
+
+
+# -----------------------------------------------------------------------------
+# out_dir: one run at a time, files written whole
 
 def lock_out_dir(out_dir):
-    """Rank 0: create out_dir and lock it until this process ends, so a second run into it is refused before it writes
-    anything. A kernel lock (fcntl), dropped when the process dies however it dies; the file names the holder."""
+    """Rank 0: create out_dir and lock it until this process ends, so a second run into it is refused before it
+    writes anything. A kernel lock (fcntl), dropped when the process dies however it dies; the file names the holder."""
     path, pid = os.path.join(out_dir, "lock"), os.getpid()
     me = f"pid {pid} on host {socket.gethostname()}"
     try:
@@ -395,18 +574,126 @@ def lock_out_dir(out_dir):
                 fail(f"--out_dir {out_dir} is in use by another run ({holder}): wait for it, use another out_dir, "
                      f"or if that run is gone (its node died), delete {path}")
             except OSError as e:  # a file system without locks: run, but say so
-                print(f"warning: cannot lock {path} ({e.strerror}): a second run would not be stopped", file=sys.stderr)
+                print(f"warning: cannot lock {path} ({e.strerror}): a second run would not be stopped",
+                      file=sys.stderr)
             if os.path.exists(path) and os.path.samestat(os.fstat(fd), os.stat(path)):
                 break
             os.close(fd)
         stale = os.read(fd, 200).decode(errors="replace").strip()
         if stale and stale != me:  # (me: main() called again in one process)
-            print(f"warning: taking over the lock {path} of {stale}, which ended without releasing it", file=sys.stderr)
+            print(f"warning: taking over the lock {path} of {stale}, which ended without releasing it",
+                  file=sys.stderr)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{me}\n".encode(), 0)
     except OSError as e:  # FileExistsError: out_dir is a file
-        fail(f"cannot write to --out_dir {out_dir}: {'it is a file' if isinstance(e, FileExistsError) else e.strerror}")
-    atexit.register(lambda: os.getpid() == pid and os.path.exists(path) and os.remove(path))  # not in forked workers
+        fail(f"cannot write to --out_dir {out_dir}: "
+             f"{'it is a file' if isinstance(e, FileExistsError) else e.strerror}")
+    atexit.register(lambda: os.getpid() == pid and os.path.exists(path) and os.remove(path))  # not in the workers
+
+
+def log_line(out_dir, entry):
+    """Rank 0: one JSON line appended to out_dir/log.txt."""
+    with open(os.path.join(out_dir, "log.txt"), "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def save_atomic(obj, path):
+    """torch.save (a PIL image: PNG) to a temp file, flushed to the disk, then renamed: a crash or a full disk
+    mid-write leaves the previous file intact; a failed write (no space left, a quota) removes the temp file."""
+    try:
+        with open(path + ".tmp", "wb") as f:
+            obj.save(f, format="PNG") if isinstance(obj, Image.Image) else torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:  # torch.save's zip writer can turn a failed write into a RuntimeError
+        os_error = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(os_error, OSError):
+            raise
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        fail(f"cannot write {path}: {os_error.strerror or os_error} (earlier checkpoints are intact)")
+
+
+# ---- training only: the rest of the block up to the end of training only (knn.py trains nothing) ----
+
+def get_lr(it, lr, min_lr, warmup_iters, max_iters):
+    """Per optimizer step: linear warmup, lr * (it + 1) / (warmup_iters + 1) at step it < warmup_iters (the authors'
+    schedule: the first step does not run at lr 0), then cosine from lr at warmup_iters to min_lr."""
+    if it < warmup_iters:
+        return lr * (it + 1) / (warmup_iters + 1)
+    progress = min(1.0, (it - warmup_iters) / max(1, max_iters - warmup_iters))
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def random_resized_crop(rng, w, h, scale, ratio=(3 / 4, 4 / 3)):
+    """Crop box (left, top, right, bottom) of RandomResizedCrop, drawn with rng."""
+    area = w * h
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+            return x, y, x + cw, y + ch
+    aspect = min(max(w / h, ratio[0]), ratio[1])  # fall back to a centre crop
+    cw, ch = (w, round(w / aspect)) if w / h < aspect else (round(h * aspect), h)
+    cw, ch = min(cw, w), min(ch, h)
+    return (w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch
+
+
+def flip_each(crops, rng):  # horizontal flip, p 0.5 per crop
+    return [c.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else c for c in crops]
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Epoch-seeded permutation; step s of the epoch takes the global batch perm[s*B:(s+1)*B] and this rank its
+    slice, so the global batch does not depend on the number of processes. Drops the last incomplete batch.
+    start_step skips steps already done (resume)."""
+
+    def __init__(self, n, batch_size, rank, world, seed):
+        self.n, self.batch_size, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
+        self.steps = n // batch_size
+        self.epoch, self.start_step = 0, 0
+
+    def set_epoch(self, epoch, start_step=0):
+        self.epoch, self.start_step = epoch, start_step
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g)[: self.steps * self.batch_size]
+        per_rank = perm.view(self.steps, self.world, -1)[self.start_step:, self.rank].reshape(-1)
+        return iter([(self.epoch, int(i)) for i in per_rank])
+
+    def __len__(self):
+        return (self.steps - self.start_step) * (self.batch_size // self.world)
+
+
+def train_loader(dataset, args, device):
+    """The training loader: each process takes its share of the global batch, in --grad_accum micro-batches."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    accum = getattr(args, "grad_accum", 1)
+    if args.batch_size % (world * accum):
+        fail(f"--batch_size {args.batch_size} is not divisible by processes ({world})" +
+             (f" x --grad_accum ({accum})" if hasattr(args, "grad_accum") else ""))
+    if len(dataset) < args.batch_size:
+        fail(f"--batch_size {args.batch_size} is larger than the training set ({len(dataset)} images)")
+    sampler = ShardSampler(len(dataset), args.batch_size, rank, world, args.seed)
+    return make_loader(dataset, args.batch_size // world // accum, sampler, args.num_workers, device)
+
+
+def epochs(sampler, iter_num):
+    """Sets the sampler to each epoch from step iter_num on: a resumed run starts mid-epoch where it stopped."""
+    while True:
+        sampler.set_epoch(iter_num // sampler.steps, start_step=iter_num % sampler.steps)
+        yield
+        iter_num = (iter_num // sampler.steps + 1) * sampler.steps
+
+
+def train_batches(loader, iter_num):
+    """The loader's (micro-)batches from step iter_num on, epoch after epoch."""
+    for _ in epochs(loader.sampler, iter_num):
+        yield from start_workers(loader)
 
 
 def find_resume(resume, out_dir, final_name, stage):
@@ -426,249 +713,136 @@ def find_resume(resume, out_dir, final_name, stage):
                 print(f"warning: {e}; resuming from the previous checkpoint {previous}", file=sys.stderr)
     return "", None
 
-# -----------------------------------------------------------------------------
-def main(args):
-    # preemption: SLURM and most schedulers send SIGTERM or SIGUSR1; stop at the next log step and checkpoint
-    stop_signal = []
-    for s in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(s, lambda signum, frame: stop_signal.append(signum))
-    check_flags(args, [  # every flag's range, before anything runs: (flags, wanted, test)
-        ("epochs batch_size views grad_accum log_interval eval_interval ckpt_interval", ">= 1", lambda v: v >= 1),
-        ("img_size dec_dim dec_depth dec_heads", ">= 1", lambda v: v >= 1),
-        ("max_iters num_workers keep_last patch_size dim depth heads", ">= 0", lambda v: v >= 0),
-        ("warmup_epochs blr min_lr weight_decay", ">= 0", lambda v: v >= 0),
-        ("mask_ratio", "in (0, 1)", lambda v: 0 < v < 1),
-        ("norm_pix_loss compile skip_bad_images", "0 or 1", lambda v: v in (0, 1)),
-        ("device", "auto, cpu, cuda or cuda:N", lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v)),
-    ])
-    # DDP: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; NCCL on GPUs, gloo on CPU
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    use_cuda = torch.cuda.is_available() if args.device == "auto" else args.device.startswith("cuda")
-    if ddp:
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        ddp_rank, ddp_local_rank, ddp_world_size = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
-    else:
-        ddp_rank, ddp_local_rank, ddp_world_size = 0, 0, 1
-    master_process = ddp_rank == 0
-    device = f"cuda:{ddp_local_rank}" if use_cuda else "cpu"
-    if use_cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if use_cuda and torch.cuda.is_bf16_supported() else "float32"
-    autocast = nullcontext() if dtype == "float32" else torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype))
-    torch.manual_seed(args.seed)
-    if args.batch_size % (ddp_world_size * args.grad_accum) != 0:
-        fail(f"--batch_size {args.batch_size} is not divisible by processes ({ddp_world_size}) x --grad_accum ({args.grad_accum})")
-    micro_batch = args.batch_size // ddp_world_size // args.grad_accum
-    out_dir = args.out_dir
-    if master_process:
-        lock_out_dir(out_dir)
 
-    # data: every check before any training starts
-    for split in ("train", "val"):
-        if not os.path.isdir(os.path.join(args.data_path, split)):
-            fail(f"missing split folder {os.path.join(args.data_path, split)} (expected train/ and val/)")
-    train_set = ImageFolder(os.path.join(args.data_path, "train"), args.img_size, args.views, True, args.seed,
-                            args.skip_bad_images, resize=not use_cuda)
-    val_set = ImageFolder(os.path.join(args.data_path, "val"), args.img_size, 1, False, args.seed, args.skip_bad_images)
-    if len(train_set) < args.batch_size:
-        fail(f"--batch_size {args.batch_size} is larger than the training set ({len(train_set)} images)")
-    sampler = ShardSampler(len(train_set), args.batch_size, ddp_rank, ddp_world_size, args.seed)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=micro_batch, sampler=sampler, num_workers=args.num_workers,
-                                         pin_memory=use_cuda, persistent_workers=args.num_workers > 0,
-                                         collate_fn=collate, worker_init_fn=ignore_stop_signals)
-    steps_per_epoch = sampler.steps
-    max_iters = args.max_iters or args.epochs * steps_per_epoch
-    warmup_iters = round(args.warmup_epochs * steps_per_epoch)
-    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1) * 255
-
-    def to_input(flat, sizes):  # collate's crops -> (n, 3, S, S) float on the device, ImageNet mean/std
-        return (crops_to_batch(flat, sizes, args.img_size, device) - mean) / std
-
-    # model: fresh, from --init (encoder, + decoder where the file has one), or resumed
+def start_run(args, stage, final_name, resume_flags):
+    """Rank 0 locks out_dir; every rank finds the checkpoint to continue (--resume), which must have been made with
+    the same resume_flags. -> (path, checkpoint) or ("", None)"""
+    if int(os.environ.get("RANK", 0)) == 0:
+        lock_out_dir(args.out_dir)
     try:
-        resume_path, ckpt = find_resume(args.resume, out_dir, "mae.pt", "mae")
-        for k in RESUME_FLAGS if ckpt is not None else ():
-            if ckpt["args"].get(k) != getattr(args, k):
-                fail(f"{resume_path} was made with --{k} {ckpt['args'].get(k)}, this run has --{k} {getattr(args, k)}")
-        if ckpt is not None:
-            model_args, dec_args = ckpt["model_args"], ckpt["dec_args"]
-        else:
-            model_args = vit.model_args_from_preset(args.model, args.img_size, args.patch_size, args.dim, args.depth, args.heads)
-            dec_args = dict(dec_dim=args.dec_dim, dec_depth=args.dec_depth, dec_heads=args.dec_heads,
-                            norm_pix_loss=bool(args.norm_pix_loss))
-        model = MAE(**model_args, **dec_args)
-        if ckpt is not None:
-            model.load_state_dict({**ckpt["encoder"], **ckpt["decoder"]})
-        elif args.init:
-            init = vit.load_checkpoint(args.init)
-            if init.get("stage", "mae") != "mae":
-                raise ValueError(f"{args.init}: expected an MAE checkpoint, found a {init['stage']} checkpoint")
-            enc, dec = split_state(init["model"] if "model" in init else {**init.get("encoder", {}), **init.get("decoder", {})})
-            vit.load_state_strict(vit.ViT(**model_args), enc, args.init)  # names every key that does not fit
-            if dec:
-                vit.load_state_strict(model, {**enc, **dec}, args.init)
-            else:
-                model.load_state_dict(enc, strict=False)
-                if master_process:
-                    print(f"{args.init} has no decoder: the decoder starts from scratch", file=sys.stderr)
+        path, ckpt = find_resume(args.resume, args.out_dir, final_name, stage)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
-    model.to(device)
+    for k in resume_flags if ckpt is not None else ():
+        if ckpt["args"].get(k) != getattr(args, k):
+            fail(f"{path} was made with --{k} {ckpt['args'].get(k)}, this run has --{k} {getattr(args, k)}")
+    if ckpt is not None and int(os.environ.get("RANK", 0)) == 0:
+        print(f"resuming from {path} at iteration {ckpt['iter_num']}")
+    return path, ckpt
 
-    # optimizer: AdamW (0.9, 0.95), no weight decay on biases / 1-D tensors; lr scales with images x views
-    lr = args.blr * args.batch_size * args.views / 256
-    groups = [{k: v for k, v in g.items() if k != "names"} for g in vit.param_groups(model, args.weight_decay)]
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=use_cuda)
-    scaler = torch.amp.GradScaler(enabled=dtype == "float16")
-    iter_num = 0
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        iter_num = ckpt["iter_num"]
-        if master_process:
-            print(f"resuming from {resume_path} at iteration {iter_num}")
-    ckpt = None  # free memory
-    raw_model = model
-    if args.compile:
-        model = torch.compile(model)
-    if ddp:
-        model = DDP(model, device_ids=[ddp_local_rank] if use_cuda else None)
 
-    def checkpoint():
-        enc, dec = split_state(raw_model.state_dict())
-        return dict(stage="mae", model_args=model_args, dec_args=dec_args, encoder=enc, decoder=dec,
-                    optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=iter_num, args=vars(args))
+class Run:
+    """The bookkeeping of a training loop, so that the loop itself shows the method: the progress bar and the log
+    line, a non-finite check and the stop signals read at log steps only (a read every step would make the CPU wait
+    for the GPU, and the GPU then for the CPU's next launches), the nearest-neighbour accuracy monitor of stages 2
+    and 3 (per step, per log window and per epoch), and the one save-or-stop path."""
 
-    def log(entry):
-        with open(os.path.join(out_dir, "log.txt"), "a") as f:
-            f.write(json.dumps(entry) + "\n")
+    def __init__(self, args, ckpt, iter_num, max_iters, steps_per_epoch, device, nn_acc=False):
+        self.args, self.out_dir, self.max_iters, self.steps_per_epoch = args, args.out_dir, max_iters, steps_per_epoch
+        self.device, self.master, self.nn_acc = device, int(os.environ.get("RANK", 0)) == 0, nn_acc
+        self.nonfinite_at = torch.tensor(-1, device=device)  # the first iteration with a non-finite loss
+        self.monitor = dict(ckpt["monitor"]) if ckpt and nn_acc else dict(epoch=-1, correct=0.0, count=0)
+        self.pending, self.window = [], []  # accuracies per step: still on the device / since the last log line
+        self.pbar = tqdm(total=max_iters, initial=iter_num, disable=not self.master, dynamic_ncols=True)
+        self.t0, self.images, self.at_log = time.time(), 0, False
 
-    @torch.no_grad()
-    def evaluate():
-        """Val loss on fixed images and masks, and a picture: original / masked / reconstruction."""
-        raw_model.eval()
-        n = min(len(val_set), 64)
-        imgs = to_input(*collate([val_set[(0, i)] for i in range(n)])[:2])
-        noise = torch.rand(n, raw_model.num_patches, generator=torch.Generator().manual_seed(0)).to(device)
-        with autocast:
-            loss, pred, mask = raw_model(imgs, args.mask_ratio, noise)
-        if raw_model.norm_pix_loss:  # back to pixel space with each patch's own statistics
-            t = raw_model.patchify(imgs)
-            pred = pred.float() * (t.var(-1, keepdim=True) + 1e-6) ** 0.5 + t.mean(-1, keepdim=True)
-        m = raw_model.unpatchify(mask.unsqueeze(-1).expand(-1, -1, pred.shape[-1]))[:8]
-        recon, imgs, gray = raw_model.unpatchify(pred.float())[:8], imgs[:8], (128 - mean) / std
-        rows = [imgs, imgs * (1 - m) + gray * m, imgs * (1 - m) + recon * m]  # 3 x (k, 3, S, S)
-        grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # (3, 3S, kS)
-        grid = (grid * std[0] + mean[0]).clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()
-        up = max(1, 96 // args.img_size)  # small images are upscaled to be visible
-        Image.fromarray(grid).resize((grid.shape[1] * up, grid.shape[0] * up), Image.NEAREST).save(
-            os.path.join(out_dir, f"recon_{iter_num:08d}.png"))
-        raw_model.train()
-        return loss.item()
+    def log(self, entry):
+        if self.master:
+            log_line(self.out_dir, entry)
 
-    # the loop reads device values (loss, stop flag) only at log steps: a read every step would make the
-    # CPU wait for the GPU, and the GPU then for the CPU's next launches
-    nonfinite_at = torch.tensor(-1, device=device)  # the first iteration with a non-finite loss
+    def check_finite(self):  # every rank, at log steps and before each checkpoint or evaluation
+        if self.nonfinite_at.item() >= 0:
+            self.pbar.close()  # the error on its own line
+            fail(f"non-finite loss at iteration {self.nonfinite_at.item()}; the last good checkpoint is in "
+                 f"{self.out_dir}")
 
-    def check_finite():  # every rank, at log steps and before each checkpoint write
-        if nonfinite_at.item() >= 0:
-            pbar.close()  # the error on its own line
-            fail(f"non-finite loss at iteration {nonfinite_at.item()}; the last good checkpoint is in {out_dir}")
+    def flush_acc(self):  # pending -> the log window and the epoch's monitor, in one device read
+        vals = torch.stack(self.pending).tolist() if self.pending else []
+        self.pending.clear()
+        self.window.extend(vals)
+        self.monitor["correct"] += sum(vals)
+        self.monitor["count"] += len(vals)
 
-    def stop_requested():  # a signal to any rank stops every rank at the same step
-        stop = torch.tensor(float(bool(stop_signal)), device=device)
-        if ddp:
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-        return bool(stop.item())
+    def step(self, iter_num, loss, lr=None, acc=None):
+        """After each optimizer step: loss (the step's, a device scalar or vector), the lr, acc (stages 2 and 3: the
+        step's nearest-neighbour accuracy). At log steps the log line; at epoch ends the epoch's accuracy."""
+        self.nonfinite_at = torch.where((self.nonfinite_at < 0) & ~torch.isfinite(loss).all(), iter_num - 1,
+                                        self.nonfinite_at)
+        self.images += self.args.batch_size
+        self.pbar.update(1)
+        epoch = (iter_num - 1) // self.steps_per_epoch
+        if self.nn_acc:
+            if self.monitor["epoch"] != epoch:
+                self.monitor = dict(epoch=epoch, correct=0.0, count=0)
+            self.pending.append(acc)
+        self.at_log = iter_num % self.args.log_interval == 0 or iter_num == self.max_iters
+        if self.at_log:
+            self.check_finite()
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            if world > 1:  # the loss of the global batch, not only rank 0's share
+                loss = loss.clone()
+                dist.all_reduce(loss)
+            loss = [v / world for v in loss.tolist()] if loss.ndim else loss.item() / world
+            entry = dict(iter=iter_num, epoch=round(iter_num / self.steps_per_epoch, 3),
+                         loss=[round(v, 5) for v in loss] if isinstance(loss, list) else round(loss, 5))
+            if self.nn_acc:
+                self.flush_acc()
+                entry["nn_acc"] = round(sum(self.window) / len(self.window), 4)
+                self.window.clear()
+            if lr is not None:
+                entry["lr"] = lr
+            entry["img_per_s"] = round(self.images / (time.time() - self.t0), 1)
+            self.pbar.set_postfix(loss=f"{min(loss) if isinstance(loss, list) else loss:.4f}",
+                                  **{k: f"{entry[k]:.3f}" for k in ("nn_acc",) if k in entry},
+                                  **({"lr": f"{lr:.2e}"} if lr is not None else {}), img_s=f"{entry['img_per_s']:.0f}")
+            self.log(entry)
+            self.t0, self.images = time.time(), 0
+        if self.nn_acc and iter_num % self.steps_per_epoch == 0:  # an epoch's end: the accuracy of all its steps
+            self.flush_acc()
+            nn_acc_epoch = self.monitor["correct"] / max(1, self.monitor["count"])
+            self.log(dict(iter=iter_num, epoch=iter_num // self.steps_per_epoch, nn_acc_epoch=round(nn_acc_epoch, 4)))
+            if self.master:
+                self.pbar.write(f"epoch {iter_num // self.steps_per_epoch}: nearest-neighbour accuracy "
+                                f"{nn_acc_epoch:.4f}")
 
-    def save(name):  # every rank checks, rank 0 writes; the newest keep_last periodic checkpoints are kept
-        check_finite()
-        if master_process:
-            save_atomic(checkpoint(), os.path.join(out_dir, name))
-            for old in sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))[:-args.keep_last]:
+    def save(self, name, checkpoint):
+        """Every rank checks, rank 0 writes checkpoint() (plus the monitor); the newest keep_last periodic ones stay."""
+        self.check_finite()
+        self.flush_acc()
+        if self.master:
+            ckpt = checkpoint()
+            if self.nn_acc:
+                ckpt["monitor"] = dict(self.monitor)
+            save_atomic(ckpt, os.path.join(self.out_dir, name))
+            for old in sorted(glob.glob(os.path.join(self.out_dir, "ckpt_*.pt")))[:-self.args.keep_last]:
                 os.remove(old)
 
-    def validate():
-        check_finite()  # every rank; no val loss or picture from non-finite weights
-        if master_process:
-            val_loss = evaluate()
-            log(dict(iter=iter_num, val_loss=round(val_loss, 5)))
-            pbar.write(f"iter {iter_num}: val loss {val_loss:.4f}")
+    def save_or_stop(self, iter_num, checkpoint, evaluate=None):
+        """The one save-or-stop path, after step(): a stop is read at log steps before the last (the last writes the
+        final file); the checkpoint due at this step is written before the evaluation due, so that a bad val image
+        cannot cost the training; then the stop: every rank leaves, exit 0."""
+        stop = self.at_log and iter_num < self.max_iters and stop_requested(self.device)
+        if iter_num < self.max_iters and (iter_num % self.args.ckpt_interval == 0 or stop):
+            self.save(f"ckpt_{iter_num:08d}.pt", checkpoint)
+        if evaluate is not None and iter_num < self.max_iters:
+            self.check_finite()  # every rank; nothing is evaluated from non-finite weights
+            evaluate()
+        if stop:
+            leave(f"stopped by signal at iteration {iter_num}; to continue, run the same command with --resume auto")
+            sys.exit(0)
 
-    # training loop
-    if master_process:
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"MAE {model_args} decoder {dec_args}: {n_params / 1e6:.1f}M params, {len(train_set)} train images, "
-              f"{steps_per_epoch} steps/epoch, {max_iters} iterations, lr {lr:.3g}, {dtype}, {ddp_world_size} process(es)")
-    pbar = tqdm(total=max_iters, initial=iter_num, disable=not master_process, dynamic_ncols=True)
-    model.train()
-    t0, imgs_seen = time.time(), 0
-    while iter_num < max_iters:
-        sampler.set_epoch(iter_num // steps_per_epoch, start_step=iter_num % steps_per_epoch)
-        batches = start_workers(loader)
-        for _ in range(iter_num % steps_per_epoch, min(steps_per_epoch, iter_num % steps_per_epoch + max_iters - iter_num)):
-            lr_now = get_lr(iter_num, lr, args.min_lr, warmup_iters, max_iters)
-            for g in optimizer.param_groups:
-                g["lr"] = lr_now * g["lr_scale"]
-            # masking noise for the whole global batch, a function of (seed, iteration) alone: resume needs
-            # no RNG state, and each sample's mask is the same for any number of processes / micro-steps
-            g = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + iter_num)
-            noise = torch.rand(args.batch_size * args.views, raw_model.num_patches, device=device, generator=g)
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(args.grad_accum):
-                x = to_input(*next(batches)[:2])  # (b * V, 3, S, S): the V views of a sample are neighbours
-                first = (ddp_rank * args.grad_accum + micro) * micro_batch * args.views  # position in the global batch
-                if ddp:  # sync gradients on the last micro-step only
-                    model.require_backward_grad_sync = micro == args.grad_accum - 1
-                with autocast:
-                    loss = model(x, args.mask_ratio, noise[first:first + x.shape[0]])[0]
-                scaler.scale(loss / args.grad_accum).backward()
-                loss_sum += loss.detach().float() / args.grad_accum
-            nonfinite_at = torch.where((nonfinite_at < 0) & ~torch.isfinite(loss_sum), iter_num, nonfinite_at)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            iter_num += 1
-            imgs_seen += args.batch_size
-            pbar.update(1)
-            at_log = iter_num % args.log_interval == 0 or iter_num == max_iters
-            if at_log:
-                check_finite()
-                if ddp:  # log the loss of the global batch, not only rank 0's share
-                    dist.all_reduce(loss_sum)
-                loss_sum = loss_sum.item() / ddp_world_size
-                dt = time.time() - t0
-                entry = dict(iter=iter_num, epoch=round(iter_num / steps_per_epoch, 3), loss=round(loss_sum, 5),
-                             lr=lr_now, img_per_s=round(imgs_seen / dt, 1))
-                pbar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr_now:.2e}", img_s=f"{entry['img_per_s']:.0f}")
-                if master_process:
-                    log(entry)
-                t0, imgs_seen = time.time(), 0
-            # the one save-or-stop path: a stop is read at log steps before the last; the checkpoint due at a step
-            # is written before its evaluation, so that a bad val image cannot cost the training
-            stop = at_log and iter_num < max_iters and stop_requested()
-            if iter_num < max_iters and (iter_num % args.ckpt_interval == 0 or stop):
-                save(f"ckpt_{iter_num:08d}.pt")
-            if iter_num < max_iters and iter_num % args.eval_interval == 0:
-                validate()
-            if stop:
-                if master_process:
-                    pbar.write(f"stopped by signal at iteration {iter_num}; to continue, run the same command with --resume auto")
-                if ddp:
-                    dist.barrier()  # rank 0 may still be writing; leave together (gloo aborts otherwise)
-                    dist.destroy_process_group()
-                sys.exit(0)
-    pbar.close()
-    save("mae.pt")  # the final file, then the last evaluation
-    if master_process:
-        print(f"wrote {os.path.join(out_dir, 'mae.pt')}")
-    validate()
-    if ddp:
-        dist.barrier()  # rank 0 may still be writing; leave together (gloo aborts otherwise)
-        dist.destroy_process_group()
+    def finish(self, final_name, checkpoint, after=None):
+        """The final file, then after() (the last evaluation, a summary), then every rank leaves."""
+        self.pbar.close()
+        self.save(final_name, checkpoint)
+        if self.master:
+            print(f"wrote {os.path.join(self.out_dir, final_name)}")
+        if after is not None:
+            self.check_finite()
+            after()
+        leave()
+
+# ---- end of training only ----
 
 
 if __name__ == "__main__":

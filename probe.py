@@ -1,36 +1,25 @@
 """
 Linear probing of a frozen encoder (MAE / MAE-CT protocol) and MSN's low-shot logistic regression.
 
-  streaming (default)  each step encodes RandomResizedCrop(0.08-1) + flip crops of the train images
-                       with the frozen encoder and trains one linear head per --blrs entry on them, all
-                       at once: BatchNorm1d(affine=False) + Linear, SGD momentum 0.9, warmup + cosine.
-  --cached 1           encodes every train image once (centre crop, no augmentation) and trains the
-                       same heads on those features: many epochs in seconds (small budgets, low-shot).
-  --logreg 1           multinomial logistic regression (L2 penalty, no intercept, L-BFGS in float64)
-                       on centred, L2-normalised features of the labelled images (MSN's low-shot protocol).
-  --eval_head FILE     no training: top-1 / top-5 on val of a trained head, this project's probe.pt or an
-                       MAE-CT release (probes/<name>.th), with its pooling; DATA needs only val/.
---train_list FILE / --per_class N pick the labelled train images in every mode. Val images are
-centre-cropped (--crop_pct); reported is the best val top-1 over heads and evaluations.
-
-Single process (CPU or one GPU):
-    python probe.py --data_path DATA --init out/ct/ct.pt --pool mean
-Several GPUs (the global --batch_size is split over the processes; features are gathered and every
-process takes the same head step, so the result does not depend on the number of processes):
-    torchrun --nproc_per_node 8 probe.py --data_path DATA --init ct.pt
-Low-shot:
-    python probe.py --data_path DATA --init ct.pt --logreg 1 --train_list lists/5shot_s0.txt
-A released encoder and its probe:
+    python probe.py --data_path DATA --init out/ct/ct.pt --pool mean           # linear probe, augmented crops
+    python probe.py --data_path DATA --init ct.pt --cached 1 --epochs 100       # on features encoded once
+    python probe.py --data_path DATA --init ct.pt --logreg 1 --per_class 5      # low-shot logistic regression
     python probe.py --data_path IMAGENET --init maect_base16.th --eval_head probes/maect_base16.th
+    torchrun --nproc_per_node 8 probe.py --data_path DATA --init ct.pt          # the same result on N processes
 
---init takes any checkpoint vit.load_encoder reads (this project's mae.pt / ct.pt with --which,
-facebookresearch/mae's, the MAE-CT releases). Writes out_dir/probe.pt (the best head, and the state
-to resume), periodic out_dir/ckpt_*.pt, out_dir/log.txt (JSON lines); --logreg writes out_dir/logreg.pt,
---eval_head only a line to out_dir/log.txt, when --out_dir is given.
+Linear probe: one BatchNorm1d(affine=False) + Linear head per --blrs entry, all trained at once (SGD momentum 0.9,
+warmup + cosine), on RandomResizedCrop(0.08-1) + flip crops (--train_aug 0: centre crops; --cached 1: features of
+the centre crops encoded once); reported is the best val top-1 over heads and evaluations. --logreg 1: multinomial
+logistic regression (L2 penalty, no intercept, L-BFGS in float64) on centred, L2-normalised features. --eval_head
+FILE: top-1 / top-5 of a trained head (probe.pt, or an MAE-CT release's probes/<name>.th) on val/ only.
+--train_list FILE / --per_class N pick the labelled images; val images are centre-cropped (--crop_pct).
+--init takes any checkpoint vit.load_encoder reads. Writes out_dir/probe.pt (the best head, and the state to resume),
+periodic out_dir/ckpt_*.pt and out_dir/log.txt; --logreg out_dir/logreg.pt; --eval_head a log line, with --out_dir.
 """
 import argparse
 import atexit
 import fcntl
+import functools
 import glob
 import json
 import math
@@ -55,307 +44,9 @@ from tqdm import tqdm
 import vit
 
 # -----------------------------------------------------------------------------
-# flags
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--data_path", required=True, help="image folder with train/<class>/* and val/<class>/*")
-parser.add_argument("--out_dir", default="", help="default out/probe; --eval_head: a log line only when given")
-parser.add_argument("--init", required=True, help="encoder checkpoint: this project's mae.pt / ct.pt, facebookresearch/mae's, MAE-CT's")
-parser.add_argument("--which", default="ema", choices=["ema", "online"], help="which encoder of a contrastive-tuning checkpoint")
-parser.add_argument("--resume", default="", help="a checkpoint to continue, or 'auto' for the newest in out_dir")
-parser.add_argument("--pool", default=None, choices=["cls", "mean"],
-                    help="CLS token (default) or mean of the patch tokens (authors: mean for B/16 MAE-CT); --eval_head: the file's")
-parser.add_argument("--img_size", type=int, default=0, help="0 = the encoder's own")
-parser.add_argument("--heads", type=int, default=0,
-                    help="attention heads of a foreign --init whose width is not 192/384/768/1024/1280 (0: from the width)")
-parser.add_argument("--crop_pct", type=float, default=0.875, help="eval: centre crop = shorter side x crop_pct, resized to img_size (1.0: whole image, e.g. CIFAR)")
-parser.add_argument("--epochs", type=int, default=50)
-parser.add_argument("--warmup_epochs", type=float, default=-1, help="-1 = 10%% of --epochs")
-parser.add_argument("--batch_size", type=int, default=1024, help="images per optimizer step, over all processes")
-parser.add_argument("--blrs", type=float, nargs="+", default=[0.1, 0.09, 0.08, 0.07, 0.06, 0.05, 0.04, 0.03, 0.02, 0.01],
-                    help="one head per base lr, trained at once (default: the authors' ten); lr = blr * batch_size / 256")
-parser.add_argument("--min_lr", type=float, default=0.0)
-parser.add_argument("--weight_decay", type=float, default=0.0)
-parser.add_argument("--eval_every", type=int, default=1, help="epochs between val evaluations (and at the end)")
-parser.add_argument("--cached", type=int, default=0, help="1: encode the train images once (centre crop) and train on those features")
-parser.add_argument("--train_aug", type=int, default=1, help="streaming mode: 0 = train on centre crops (what --cached 1 does, image by image)")
-parser.add_argument("--logreg", type=int, default=0, help="1: low-shot multinomial logistic regression instead of the SGD heads")
-parser.add_argument("--lambd", type=float, default=0.00025, help="logreg: L2 penalty = lambd / n_train (MSN)")
-parser.add_argument("--center", default="train", choices=["train", "sample"],
-                    help="logreg: subtract the labelled set's mean feature (train) or each feature's own mean over its dimensions (sample: what MSN's cyanure.preprocess call does)")
-parser.add_argument("--train_list", default="", help="labelled images: a text file, one file name (or class/name) per line, as lowshot_subsets.py --mode list writes")
-parser.add_argument("--per_class", type=int, default=0, help="labelled images: N per class, drawn with --seed")
-parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
-parser.add_argument("--compile", type=int, default=0)
-parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
-parser.add_argument("--num_workers", type=int, default=8, help="data loader processes per GPU/process")
-parser.add_argument("--seed", type=int, default=0)
-parser.add_argument("--log_interval", type=int, default=20, help="iterations")
-parser.add_argument("--ckpt_interval", type=int, default=1000, help="iterations between checkpoints")
-parser.add_argument("--keep_last", type=int, default=2, help="periodic checkpoints kept (0 = all)")
-parser.add_argument("--skip_bad_images", type=int, default=0, help="1: log unreadable images and use another")
-parser.add_argument("--max_iters", type=int, default=0, help="stop after this many iterations (0 = epochs)")
-parser.add_argument("--eval_head", default="", help="evaluate this trained head (probe.pt, or an MAE-CT release's probes/<name>.th) "
-                    "on val, no training: DATA needs only val/")
+# the method: the probe heads and their evaluation, the low-shot classifier, the labelled images, the crops
+# (REFERENCE §5)
 
-# flags a resumed run must share with the checkpoint it continues
-RESUME_FLAGS = ("init", "which", "pool", "img_size", "crop_pct", "batch_size", "blrs", "cached", "train_aug",
-                "train_list", "per_class", "seed")
-
-
-def fail(msg):  # one clear line (on a line of its own under a progress bar), every rank stops
-    tqdm.write(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def check_flags(args, rules):
-    """rules: rows (flags, wanted, test). One line per flag out of its range (a list flag: any entry), then exit 2,
-    before anything runs."""
-    bad = []
-    for flags, wanted, ok in rules:
-        for flag in flags.split():
-            v = getattr(args, flag)
-            if not all(ok(x) for x in (v if isinstance(v, list) else [v])):
-                bad.append(f"error: --{flag} {' '.join(map(str, v)) if isinstance(v, list) else v} must be {wanted}")
-    if bad:
-        print("\n".join(bad), file=sys.stderr)
-        sys.exit(2)
-
-
-# -----------------------------------------------------------------------------
-# data: image folder -> uint8 crops (normalised on the device, which is cheaper than on the CPU)
-IMG_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif")
-
-
-def scan_image_folder(root):
-    """[(path, class_index)], classes: subfolder names in string order ("0", "10", "2"); the images directly in each
-    (not in nested folders); names starting with "." (macOS ._* files, .ipynb_checkpoints) are not read. Fails loudly
-    on an empty layout."""
-    if not os.path.isdir(root):
-        fail(f"image folder not found: {root}")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    if not classes:
-        fail(f"no class folders in {root} (expected {root}/<class>/<image>)")
-    samples = []
-    for c, name in enumerate(classes):
-        files = sorted(f for f in os.listdir(os.path.join(root, name)) if f.lower().endswith(IMG_EXTS) and f[0] != ".")
-        if not files:
-            fail(f"class folder {os.path.join(root, name)} holds no images ({', '.join(IMG_EXTS)})")
-        samples += [(os.path.join(root, name, f), c) for f in files]
-    return samples, classes
-
-
-def to_rgb(img):
-    """Any PIL image -> 8-bit RGB. convert("RGB") clips 16- and 32-bit integers at 255 (near white) and takes floats
-    as 0-255 (near black), so those are scaled here: integers (I;16*, I) by 255 / 65535, values outside 0-65535
-    refused; floats (F) by 255, values outside [0, 1] refused (torchvision's float range). Refusals and modes
-    convert("RGB") gets wrong (LAB) raise OSError: an unreadable image."""
-    if img.mode in ("RGB", "1", "L", "P", "PA", "LA", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "HSV"):
-        return img if img.mode == "RGB" else img.convert("RGB")
-    if img.mode not in ("I", "F") and not img.mode.startswith("I;16"):
-        raise OSError(f"image mode {img.mode} is not supported (save it as RGB)")
-    a, (hi, scale) = np.asarray(img, dtype=np.float64), (1, 255) if img.mode == "F" else (65535, 255 / 65535)  # (h, w)
-    if not 0 <= a.min() <= a.max() <= hi:  # NaN fails too
-        raise OSError(f"mode {img.mode} values span [{a.min():g}, {a.max():g}], outside [0, {hi}] (save it as RGB)")
-    return Image.fromarray(np.rint(a * scale).astype(np.uint8)).convert("RGB")
-
-
-def random_resized_crop(rng, w, h, scale, ratio=(3 / 4, 4 / 3)):
-    """Crop box (left, top, right, bottom) of RandomResizedCrop, drawn with `rng`."""
-    area = w * h
-    for _ in range(10):
-        target = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
-        if 0 < cw <= w and 0 < ch <= h:
-            x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
-            return x, y, x + cw, y + ch
-    aspect = min(max(w / h, ratio[0]), ratio[1])  # fall back to a centre crop
-    cw, ch = (w, round(w / aspect)) if w / h < aspect else (round(h * aspect), h)
-    cw, ch = min(cw, w), min(ch, h)
-    return (w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch
-
-
-class UnreadableImage(RuntimeError):
-    """A DataLoader worker's arrives as UnreadableImage(its traceback): keep the last line, the message."""
-
-    def __init__(self, msg):
-        super().__init__(msg.strip().splitlines()[-1].partition("UnreadableImage: ")[2] or msg)
-
-
-class ImageFolder(torch.utils.data.Dataset):
-    """Items are (epoch, index) pairs from the sampler, so each augmentation is a function of
-    (seed, epoch, index) alone: any worker count, any restart, the same crops.
-    Eval crop: the centre box of side crop_pct x the shorter side, resized to img_size (bicubic) in
-    one resample; that is "resize the shorter side to img_size / crop_pct, centre crop img_size"
-    without the intermediate rounding. With crop_pct 1 and images of img_size pixels, the identity.
-    resize=False: the crops leave the worker at their own size and are resized on the GPU
-    (crops_to_batch), which takes a third of a worker's time off it at 224 px."""
-
-    def __init__(self, root, img_size, train, crop_pct=0.875, seed=0, skip_bad=False, resize=True):
-        self.samples, self.classes = scan_image_folder(root)
-        self.img_size, self.train, self.crop_pct, self.seed, self.skip_bad = img_size, train, crop_pct, seed, skip_bad
-        self.resize, self.bad = resize, 0
-
-    def __len__(self):
-        return len(self.samples)
-
-    def load(self, i, boxes_fn):
-        """Decode image i and cut the boxes that boxes_fn(w, h) returns. JPEGs are decoded at reduced
-        size (PIL draft: DCT scaling) when even the smallest crop stays at least twice img_size."""
-        for attempt in range(len(self.samples)):
-            path = self.samples[(i + attempt) % len(self.samples)][0]
-            try:
-                img = Image.open(path)
-                w, h = img.size
-                boxes = boxes_fn(w, h)
-                f = min(min(b[2] - b[0], b[3] - b[1]) for b in boxes) / self.img_size
-                if f >= 2:
-                    img.draft(None, (math.ceil(w / f), math.ceil(h / f)))
-                k = round(w / img.size[0])  # the draft's DCT scale (1, 2, 4 or 8); it rounds sides up
-                img = to_rgb(img)
-                S, label = self.img_size, self.samples[(i + attempt) % len(self.samples)][1]
-                if self.resize:  # crop + bicubic resize in one resample
-                    return [img.resize((S, S), Image.BICUBIC, box=tuple(v / k for v in b)) for b in boxes], label
-                return [img.crop(tuple(min(round(v / k), s) for v, s in zip(b, img.size * 2))) for b in boxes], label
-            except (OSError, Image.DecompressionBombError) as e:  # the bomb: over twice Image.MAX_IMAGE_PIXELS
-                if not self.skip_bad:
-                    raise UnreadableImage(f"unreadable image {path}: {e} "
-                                          "(use --skip_bad_images 1 to skip such files)") from None
-                self.bad += 1
-                print(f"warning: skipping unreadable image {path} ({e}); {self.bad} skipped in this worker", file=sys.stderr)
-        raise UnreadableImage("no readable image in the dataset")
-
-    def __getitem__(self, item):
-        epoch, i = item
-        rng = random.Random((self.seed * 1_000_003 + epoch) * 1_000_003 + i)
-        if self.train:  # RandomResizedCrop(scale 0.08-1, bicubic) + flip
-            crops, label = self.load(i, lambda w, h: [random_resized_crop(rng, w, h, (0.08, 1.0))])
-            crops = [c.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else c for c in crops]
-        else:
-            def centre(w, h):
-                s = min(w, h) * self.crop_pct
-                return [((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)]
-            crops, label = self.load(i, centre)
-        return [torch.from_numpy(np.array(crops[0]))], label, i  # 1 x (h, w, 3) uint8
-
-
-def collate(batch):
-    """Crops differ in size: one flat uint8 tensor (one shared-memory block per batch, not one per crop)
-    and their (h, w), sample 0's views first. -> flat, sizes (n, 2), labels (b,), indices (b,)"""
-    crops = [c for item in batch for c in item[0]]
-    return (torch.cat([c.flatten() for c in crops]), torch.tensor([c.shape[:2] for c in crops]),
-            torch.tensor([item[1] for item in batch]), torch.tensor([item[2] for item in batch]))
-
-
-def crops_to_batch(flat, sizes, img_size, device):
-    """collate's crops -> (n, 3, S, S) float in [0, 255] on the device; crops not yet S x S get the
-    bicubic resize of RandomResizedCrop here (antialiased, as PIL's)."""
-    flat, out, o = flat.to(device, non_blocking=True).float(), [], 0  # one copy and one cast per batch
-    for h, w in sizes.tolist():
-        x = flat[o:o + h * w * 3].view(1, h, w, 3).permute(0, 3, 1, 2)  # (1, 3, h, w), a view
-        o += h * w * 3
-        out.append(x if (h, w) == (img_size, img_size) else
-                   F.interpolate(x, size=(img_size, img_size), mode="bicubic", antialias=True))
-    return torch.cat(out).clamp_(0, 255)  # bicubic overshoots at edges; PIL clamps too
-
-
-class ShardSampler(torch.utils.data.Sampler):
-    """Epoch-seeded permutation; step s of the epoch takes the global batch perm[s*B:(s+1)*B] and
-    this rank its slice, so the global batch does not depend on the number of processes.
-    Drops the last incomplete batch. start_step skips steps already done (resume)."""
-
-    def __init__(self, n, batch_size, rank, world, seed):
-        self.n, self.batch_size, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
-        self.steps = n // batch_size
-        self.epoch, self.start_step = 0, 0
-
-    def set_epoch(self, epoch, start_step=0):
-        self.epoch, self.start_step = epoch, start_step
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        perm = torch.randperm(self.n, generator=g)[: self.steps * self.batch_size]
-        per_rank = perm.view(self.steps, self.world, -1)[self.start_step:, self.rank].reshape(-1)
-        return iter([(self.epoch, int(i)) for i in per_rank])
-
-    def __len__(self):
-        return (self.steps - self.start_step) * (self.batch_size // self.world)
-
-
-def select_train(samples, classes, train_list, per_class, seed):
-    """Indices (sorted) of the labelled train images. train_list: one name per line, either a file's
-    base name (the format of lowshot_subsets.py and of the SimCLR / MSN split files) or class/name
-    where base names repeat across classes; per_class: N images of every class, drawn with `seed`."""
-    if train_list:
-        try:
-            with open(train_list, encoding="utf-8-sig") as f:
-                names = [line.strip() for line in f if line.strip()]
-        except OSError as e:
-            fail(f"cannot read --train_list {train_list}: {e.strerror}")
-        if not names:
-            fail(f"--train_list {train_list} holds no names")
-        if len(set(names)) != len(names):
-            fail(f"--train_list {train_list} repeats names: {sorted(n for n in set(names) if names.count(n) > 1)[:5]}")
-        by_base, by_rel = {}, {}
-        for i, (path, c) in enumerate(samples):
-            by_base.setdefault(os.path.basename(path), []).append(i)
-            by_rel[f"{classes[c]}/{os.path.basename(path)}"] = i
-        chosen, missing, ambiguous = [], [], []
-        for name in names:
-            if name in by_rel:
-                chosen.append(by_rel[name])
-            elif len(by_base.get(name, ())) == 1:
-                chosen.append(by_base[name][0])
-            else:
-                (ambiguous if name in by_base else missing).append(name)
-        if missing:
-            fail(f"{len(missing)} of {len(names)} names in --train_list {train_list} are not in the train folder: "
-                 f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}")
-        if ambiguous:
-            fail(f"names in --train_list {train_list} are in several class folders (write class/name): {', '.join(ambiguous[:5])}")
-        if len(set(chosen)) != len(chosen):
-            fail(f"--train_list {train_list} names some images twice (as name and as class/name)")
-        return sorted(chosen)
-    g = torch.Generator().manual_seed(seed)
-    by_class = {}
-    for i, (_, c) in enumerate(samples):
-        by_class.setdefault(c, []).append(i)
-    chosen = []
-    for c in sorted(by_class):
-        if len(by_class[c]) < per_class:
-            fail(f"--per_class {per_class}: class {classes[c]} has only {len(by_class[c])} train images")
-        chosen += [by_class[c][j] for j in torch.randperm(len(by_class[c]), generator=g)[:per_class].tolist()]
-    return sorted(chosen)
-
-
-@torch.no_grad()
-def extract_features(encoder, dataset, how, dim, batch_size, ddp_rank, ddp_world_size, device, autocast, to_input,
-                     num_workers, desc="features"):
-    """Pooled features of every image of `dataset`: (len(dataset), dim) float32 on `device`, on every
-    rank, in dataset order. Rank r encodes images r, r + world, r + 2 world, ...; the all_gather puts
-    them back in order, so the result does not depend on the number of processes."""
-    n = len(dataset)
-    per = -(-n // ddp_world_size)  # images per rank; the short ranks' last row stays zero (padding)
-    shard = [(0, i) for i in range(ddp_rank, n, ddp_world_size)]
-    loader = torch.utils.data.DataLoader(dataset, batch_size=max(1, batch_size // ddp_world_size), sampler=shard,
-                                         num_workers=num_workers, pin_memory=device != "cpu", collate_fn=collate,
-                                         worker_init_fn=ignore_stop_signals)
-    feats, j = torch.zeros(per, dim, device=device), 0
-    for flat, sizes, _, _ in tqdm(start_workers(loader), total=len(loader), desc=desc, disable=ddp_rank != 0,
-                                  dynamic_ncols=True, leave=False):
-        with autocast:
-            f = vit.pool(encoder(to_input(flat, sizes)), how)  # (b, dim)
-        feats[j:j + len(f)] = f.float()
-        j += len(f)
-    if ddp_world_size > 1:
-        parts = [torch.empty_like(feats) for _ in range(ddp_world_size)]
-        dist.all_gather(parts, feats)
-        feats = torch.stack(parts, dim=1).flatten(0, 1)  # (per, world, dim): row q*world + r is image q*world + r
-    return feats[:n]
-
-
-# -----------------------------------------------------------------------------
-# the heads
 
 def make_head(dim, classes):
     """One probe head; probe.pt's "head" is this module's state dict. BatchNorm eps: torch's 1e-5, the authors'."""
@@ -467,69 +158,624 @@ def fit_logreg(x, y, num_classes, lam, rtol=1e-6, max_iter=10000):
     return W.detach(), dict(iters=opt.state[W].get("n_iter", 0), loss=f, grad=W.grad.abs().max().item(), gap=gap)
 
 
-# -----------------------------------------------------------------------------
-# small helpers shared in shape by every stage script
+def select_train(samples, classes, train_list, per_class, seed):
+    """Indices (sorted) of the labelled train images. train_list: one name per line, either a file's
+    base name (the format of lowshot_subsets.py and of the SimCLR / MSN split files) or class/name
+    where base names repeat across classes; per_class: N images of every class, drawn with `seed`."""
+    if train_list:
+        try:
+            with open(train_list, encoding="utf-8-sig") as f:
+                names = [line.strip() for line in f if line.strip()]
+        except OSError as e:
+            fail(f"cannot read --train_list {train_list}: {e.strerror}")
+        if not names:
+            fail(f"--train_list {train_list} holds no names")
+        if len(set(names)) != len(names):
+            fail(f"--train_list {train_list} repeats names: {sorted(n for n in set(names) if names.count(n) > 1)[:5]}")
+        by_base, by_rel = {}, {}
+        for i, (path, c) in enumerate(samples):
+            by_base.setdefault(os.path.basename(path), []).append(i)
+            by_rel[f"{classes[c]}/{os.path.basename(path)}"] = i
+        chosen, missing, ambiguous = [], [], []
+        for name in names:
+            if name in by_rel:
+                chosen.append(by_rel[name])
+            elif len(by_base.get(name, ())) == 1:
+                chosen.append(by_base[name][0])
+            else:
+                (ambiguous if name in by_base else missing).append(name)
+        if missing:
+            fail(f"{len(missing)} of {len(names)} names in --train_list {train_list} are not in the train folder: "
+                 f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}")
+        if ambiguous:
+            fail(f"names in --train_list {train_list} are in several class folders (write class/name): "
+                 f"{', '.join(ambiguous[:5])}")
+        if len(set(chosen)) != len(chosen):
+            fail(f"--train_list {train_list} names some images twice (as name and as class/name)")
+        return sorted(chosen)
+    g = torch.Generator().manual_seed(seed)
+    by_class = {}
+    for i, (_, c) in enumerate(samples):
+        by_class.setdefault(c, []).append(i)
+    chosen = []
+    for c in sorted(by_class):
+        if len(by_class[c]) < per_class:
+            fail(f"--per_class {per_class}: class {classes[c]} has only {len(by_class[c])} train images")
+        chosen += [by_class[c][j] for j in torch.randperm(len(by_class[c]), generator=g)[:per_class].tolist()]
+    return sorted(chosen)
 
-def ignore_stop_signals(worker_id):
-    """worker_init_fn: SIGTERM / SIGUSR1 are the main process's to handle. timeout and SLURM signal
-    every process of the job; torch's own worker handler dies on a SIGTERM that is not from its
-    parent, and the main process would then crash instead of checkpointing. start_workers blocks them until here."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGUSR1})
+
+@torch.no_grad()
+def evaluate_heads(heads, feats, labels, classes, chunk=8192):
+    """Val top-1 and top-5 (%) of every head: two lists of floats."""
+    heads.eval()
+    hit1, hit5 = (torch.zeros(len(heads.linears), dtype=torch.float64, device=feats.device) for _ in range(2))
+    for s in range(0, len(feats), chunk):
+        y = labels[s:s + chunk]
+        for h, z in enumerate(heads(feats[s:s + chunk])):  # (b, C)
+            hit1[h] += (z.argmax(1) == y).sum()
+            hit5[h] += (z.topk(min(5, classes), dim=1).indices == y[:, None]).any(1).sum()
+    heads.train()
+    return (100.0 * hit1 / len(feats)).tolist(), (100.0 * hit5 / len(feats)).tolist()
+
+
+def train_box(rng, w, h):  # RandomResizedCrop(scale 0.08-1, bicubic), flipped by flip_each
+    return [random_resized_crop(rng, w, h, (0.08, 1.0))]
+
+
+def centre_crop(rng, w, h, crop_pct):
+    """The centre box of side crop_pct x the shorter side, resized to img_size (bicubic) in one resample: "resize
+    the shorter side to img_size / crop_pct, centre crop img_size" without the intermediate rounding. With crop_pct
+    1 and images of img_size pixels, the identity."""
+    s = min(w, h) * crop_pct
+    return [((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)]
+
+
+# -----------------------------------------------------------------------------
+# flags (defaults: the authors' protocol, REFERENCE §5)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--data_path", required=True, help="image folder with train/<class>/* and val/<class>/*")
+parser.add_argument("--out_dir", default="", help="default out/probe; --eval_head: a log line only when given")
+parser.add_argument("--init", required=True, help="encoder: mae.pt / ct.pt, facebookresearch/mae's, MAE-CT's")
+parser.add_argument("--which", default="ema", choices=["ema", "online"], help="the encoder of a ct.pt to use")
+parser.add_argument("--resume", default="", help="a checkpoint to continue, or 'auto': the newest in out_dir")
+parser.add_argument("--pool", default=None, choices=["cls", "mean"], help="default cls; --eval_head: the file's")
+parser.add_argument("--img_size", type=int, default=0, help="0 = the encoder's own")
+parser.add_argument("--heads", type=int, default=0, help="attention heads of a foreign --init of an unreleased width")
+parser.add_argument("--crop_pct", type=float, default=0.875, help="eval: centre crop of the shorter side (1.0: CIFAR)")
+parser.add_argument("--epochs", type=int, default=50)
+parser.add_argument("--warmup_epochs", type=float, default=-1, help="-1 = 10%% of --epochs")
+parser.add_argument("--batch_size", type=int, default=1024, help="images per optimizer step, over all processes")
+parser.add_argument("--blrs", type=float, nargs="+", default=[round(0.1 - 0.01 * i, 2) for i in range(10)],
+                    help="one head per base lr, lr = blr * batch / 256 (the authors' ten: 0.1, 0.09, ..., 0.01)")
+parser.add_argument("--min_lr", type=float, default=0.0)
+parser.add_argument("--weight_decay", type=float, default=0.0)
+parser.add_argument("--eval_every", type=int, default=1, help="epochs between val evaluations (and at the end)")
+parser.add_argument("--cached", type=int, default=0, help="1: train on features of the centre crops, encoded once")
+parser.add_argument("--train_aug", type=int, default=1, help="streaming: 0 = centre crops (--cached 1 image by image)")
+parser.add_argument("--logreg", type=int, default=0, help="1: low-shot logistic regression instead of SGD heads")
+parser.add_argument("--lambd", type=float, default=0.00025, help="logreg: L2 penalty = lambd / n_train (MSN)")
+parser.add_argument("--center", default="train", choices=["train", "sample"],
+                    help="logreg: subtract the labelled set's mean (train) or each vector's own mean (sample: MSN)")
+parser.add_argument("--train_list", default="", help="labelled images: one file name (or class/name) per line")
+parser.add_argument("--per_class", type=int, default=0, help="labelled images: N per class, drawn with --seed")
+parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+parser.add_argument("--compile", type=int, default=0)
+parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+parser.add_argument("--num_workers", type=int, default=8, help="data-loading processes per process")
+parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--log_interval", type=int, default=20, help="iterations")
+parser.add_argument("--ckpt_interval", type=int, default=1000, help="iterations between checkpoints")
+parser.add_argument("--keep_last", type=int, default=2, help="periodic checkpoints kept (0 = all)")
+parser.add_argument("--skip_bad_images", type=int, default=0, help="1: log unreadable images and use others")
+parser.add_argument("--max_iters", type=int, default=0, help="stop after this many iterations (0 = epochs)")
+parser.add_argument("--eval_head", default="", help="evaluate this trained head on val, no training: probe.pt or "
+                    "an MAE-CT release's probes/<name>.th; DATA needs only val/")
+
+# flags a resumed run must share with the checkpoint it continues
+RESUME_FLAGS = ("init", "which", "pool", "img_size", "crop_pct", "batch_size", "blrs", "cached", "train_aug",
+                "train_list", "per_class", "seed")
+
+
+# -----------------------------------------------------------------------------
+# the three modes: a trained head evaluated, the low-shot logistic regression, the linear probe
+
+def evaluate_head(args, encoder, model_args, head, layout, val_set, device, autocast):
+    """--eval_head: a trained head on the val centre crops (every rank encodes its share; features gathered)."""
+    master_process, C = int(os.environ.get("RANK", 0)) == 0, len(val_set.classes)
+    with torch.no_grad():
+        feats = extract_features(encoder, val_set, args.pool, model_args["dim"], args.batch_size, args.num_workers,
+                                 device, autocast, "val")
+        logits, y = head.to(device)(feats), labels_of(val_set, device)  # (N, C), (N,)
+    top1 = 100.0 * (logits.argmax(1) == y).double().mean().item()
+    top5 = 100.0 * (logits.topk(min(5, C), dim=1).indices == y[:, None]).any(1).double().mean().item()
+    if master_process:
+        print(f"top-1 {top1:.2f}%, top-5 {top5:.2f}%")
+    if master_process and args.out_dir:
+        log_line(args.out_dir, dict(eval_top1=round(top1, 4), eval_top5=round(top5, 4), init=args.init,
+                                    which=args.which, eval_head=args.eval_head, pool=args.pool, val=len(val_set),
+                                    img_size=model_args["img_size"], crop_pct=args.crop_pct))
+
+
+def logistic_regression(args, encoder, model_args, train_set, val_set, device, autocast):
+    """--logreg: features once, one convex fit (identical on every rank), top-1 on val."""
+    master_process, C, n_train = int(os.environ.get("RANK", 0)) == 0, len(val_set.classes), len(train_set)
+    x, xv = (extract_features(encoder, ds, args.pool, model_args["dim"], args.batch_size, args.num_workers, device,
+                              autocast, desc) for ds, desc in ((train_set, "train"), (val_set, "val")))
+    if args.center == "train":  # the labelled set's mean feature
+        mu = x.mean(0)
+        x, xv = x - mu, xv - mu
+    else:  # each feature vector's own mean over its dimensions (cyanure.preprocess(columns=False, centering=True))
+        x, xv = x - x.mean(1, keepdim=True), xv - xv.mean(1, keepdim=True)
+    x, xv = F.normalize(x, dim=1), F.normalize(xv, dim=1)
+    lam = args.lambd / n_train
+    W, info = fit_logreg(x, labels_of(train_set, device), C, lam)
+    logits, yv = xv.double() @ W.T, labels_of(val_set, device)  # (Nv, C)
+    top1 = 100.0 * (logits.argmax(1) == yv).double().mean().item()
+    top5 = 100.0 * (logits.topk(min(5, C), dim=1).indices == yv[:, None]).any(1).double().mean().item()
+    if master_process:
+        print(f"logistic regression on {n_train} labelled images, lambda {args.lambd} / {n_train} = {lam:.3g}: "
+              f"val top-1 {top1:.2f}%, top-5 {top5:.2f}% (L-BFGS {info['iters']} iterations, objective "
+              f"{info['loss']:.6g}, within {info['gap']:.1e} of the minimum)")
+        if info["gap"] > 1e-6 * info["loss"]:
+            print(f"warning: L-BFGS stopped {info['gap']:.1e} from the minimum (objective {info['loss']:.3g}): "
+                  f"not converged", file=sys.stderr)
+        log_line(args.out_dir, dict(logreg_top1=round(top1, 4), logreg_top5=round(top5, 4), n_train=n_train,
+                                    lambd=args.lambd, center=args.center, **info))
+        train_files = [f"{train_set.classes[c]}/{os.path.basename(p)}" for p, c in train_set.samples]
+        save_atomic(dict(stage="logreg", weight=W.cpu(), center=args.center,
+                         mean=mu.cpu() if args.center == "train" else None, lambd=args.lambd, top1=top1, top5=top5,
+                         pool=args.pool, classes=train_set.classes, encoder_init=args.init, which=args.which,
+                         model_args=model_args, img_size=model_args["img_size"], crop_pct=args.crop_pct,
+                         train_files=train_files, args=vars(args)), os.path.join(args.out_dir, "logreg.pt"))
+        print(f"wrote {os.path.join(args.out_dir, 'logreg.pt')}")
+
+
+def train_heads(args, encoder, model_args, ckpt, train_set, val_set, device, autocast):
+    """The linear probe: every head takes the same step on the global batch on every rank (no DDP needed), so the
+    result does not depend on the number of processes."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    D, C, H = model_args["dim"], len(val_set.classes), len(args.blrs)
+    heads = LinearHeads(D, C, H, args.seed).to(device)
+    # one group per head: its own lr; SGD momentum 0.9, weight decay 0 (authors)
+    optimizer = torch.optim.SGD([dict(params=list(lin.parameters())) for lin in heads.linears], lr=0.0,
+                                momentum=0.9, weight_decay=args.weight_decay)
+    lrs = [blr * args.batch_size / 256 for blr in args.blrs]
+    best = dict(head=None, blr=None, lr=None, top1=-1.0, top5=-1.0, epoch=None)  # over heads and evaluations
+    iter_num, head_best, last = 0, [-1.0] * H, None  # each head's best top-1; the last evaluation
+    if ckpt is not None:
+        heads.load_state_dict(ckpt["heads"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        iter_num, head_best, last = ckpt["iter_num"], ckpt["head_best"], ckpt["last"]
+        best = {k: ckpt[k] for k in best}
+    sampler = ShardSampler(len(train_set), args.batch_size, *((0, 1) if args.cached else (rank, world)), args.seed)
+    steps_per_epoch = sampler.steps
+    max_iters = args.max_iters or args.epochs * steps_per_epoch
+    warmup_iters = round((0.1 * args.epochs if args.warmup_epochs < 0 else args.warmup_epochs) * steps_per_epoch)
+    eval_iters = args.eval_every * steps_per_epoch
+
+    # val features once (the encoder is frozen); cached mode: the train features too
+    features = functools.partial(extract_features, encoder, how=args.pool, dim=D, batch_size=args.batch_size,
+                                 num_workers=args.num_workers, device=device, autocast=autocast)
+    val_feats, val_labels = features(val_set, desc="val"), labels_of(val_set, device)
+    if args.cached:
+        train_feats, train_labels = features(train_set, desc="train"), labels_of(train_set, device)
+    else:
+        loader = make_loader(train_set, args.batch_size // world, sampler, args.num_workers, device)
+
+    def global_batches():
+        """(features (B, D) float32, labels (B,)) of the global batch of every step from iter_num on, the same on
+        every rank."""
+        for _ in epochs(sampler, iter_num):
+            if args.cached:
+                order = torch.tensor([i for _, i in sampler], device=device)
+                for s in range(0, len(order), args.batch_size):
+                    idx = order[s:s + args.batch_size]
+                    yield train_feats[idx], train_labels[idx]
+                continue
+            for flat, sizes, y, _ in start_workers(loader):
+                with torch.no_grad(), autocast:
+                    f = vit.pool(encoder(vit.normalize(crops_to_batch(flat, sizes, train_set.img_size, device))),
+                                 args.pool)
+                f, y = f.float().contiguous(), y.to(device)  # pooled rows are strided views; BN sums in memory order
+                yield (all_gather_cat(f), all_gather_cat(y)) if world > 1 else (f, y)
+
+    def checkpoint():  # the best head so far (stage "probe"), and everything to resume
+        return dict(stage="probe", **best, head_args=dict(dim=D, classes=C), pool=args.pool, classes=train_set.classes,
+                    encoder_init=args.init, which=args.which, model_args=model_args, img_size=model_args["img_size"],
+                    crop_pct=args.crop_pct, heads=heads.state_dict(), optimizer=optimizer.state_dict(),
+                    iter_num=iter_num, head_best=head_best, last=last, args=vars(args))
+
+    def report():  # rank 0, after the final file: every head's last and best top-1, the best head
+        if rank == 0 and last is not None:
+            print(f"{'blr':>7} {'lr':>8} {'top-1':>7} {'top-5':>7} {'best top-1':>10}   (last evaluation: epoch "
+                  f"{last['epoch']:g})")
+            for h in range(H):
+                print(f"{args.blrs[h]:>7g} {lrs[h]:>8.3g} {last['top1'][h]:>7.2f} {last['top5'][h]:>7.2f} "
+                      f"{head_best[h]:>10.2f}")
+            print(f"best: top-1 {best['top1']:.2f}%, top-5 {best['top5']:.2f}% (blr {best['blr']:g}, lr "
+                  f"{best['lr']:.3g}, epoch {best['epoch']:g})")
+            run.log(dict(final=True, best_top1=best["top1"], best_top5=best["top5"], best_blr=best["blr"],
+                         best_epoch=best["epoch"], head_best=head_best, blrs=args.blrs))
+
+    # training loop
+    if rank == 0:
+        print(f"{H} heads, blrs {args.blrs} (lr {', '.join(f'{lr:.3g}' for lr in lrs)}), batch {args.batch_size}, "
+              f"{steps_per_epoch} steps/epoch, {max_iters} iterations")
+    run, batches = Run(args, ckpt, iter_num, max_iters, steps_per_epoch, device), global_batches()
+    heads.train()
+    while iter_num < max_iters:
+        for g, lr in zip(optimizer.param_groups, lrs):
+            g["lr"] = get_lr(iter_num, lr, args.min_lr, warmup_iters, max_iters)
+        f, y = next(batches)  # (B, D), (B,): the global batch
+        losses = torch.stack([F.cross_entropy(z, y) for z in heads(f)])  # (H,)
+        losses.sum().backward()  # the heads share no parameter: each gets exactly its own gradient
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        run.step(iter_num, losses)  # progress; at log steps the log line and the non-finite check
+        if iter_num % eval_iters == 0 or iter_num == max_iters:  # before the checkpoint: it holds the result
+            run.check_finite()
+            top1, top5 = evaluate_heads(heads, val_feats, val_labels, C)
+            last = dict(top1=top1, top5=top5, epoch=round(iter_num / steps_per_epoch, 3))
+            head_best = [max(a, b) for a, b in zip(head_best, top1)]
+            h = max(range(H), key=lambda i: top1[i])  # first best head
+            if top1[h] > best["top1"]:
+                best = dict(head=heads.head(h).state_dict(), blr=args.blrs[h], lr=lrs[h], top1=top1[h], top5=top5[h],
+                            epoch=last["epoch"])
+            run.log(dict(iter=iter_num, **last, best_top1=best["top1"], best_blr=best["blr"]))
+            if rank == 0:
+                run.pbar.write(f"epoch {last['epoch']:g}: top-1 " + " ".join(f"{v:.2f}" for v in top1) +
+                               f" (blrs {' '.join(f'{b:g}' for b in args.blrs)}); best {best['top1']:.2f} "
+                               f"(blr {best['blr']:g})")
+        run.save_or_stop(iter_num, checkpoint)  # evaluation comes first here: it reads no image
+    run.finish("probe.pt", checkpoint, report)
+
+
+def labels_of(dataset, device):
+    return torch.tensor([c for _, c in dataset.samples], device=device)
+
+
+def all_gather_cat(t):  # this rank's rows -> all ranks' rows in rank order, i.e. the global batch order
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t)
+    return torch.cat(parts)
+
+
+# -----------------------------------------------------------------------------
+def main(args):
+    check_flags(args, [
+        ("epochs batch_size eval_every log_interval ckpt_interval", ">= 1", lambda v: v >= 1),
+        ("max_iters keep_last img_size per_class min_lr weight_decay heads", ">= 0", lambda v: v >= 0),
+        ("warmup_epochs", "-1 or >= 0", lambda v: v == -1 or v >= 0),
+        ("blrs lambd", "> 0", lambda v: v > 0),
+        ("crop_pct", "in (0, 1]", lambda v: 0 < v <= 1),
+        ("cached train_aug logreg", "0 or 1", lambda v: v in (0, 1)),
+    ])
+    ddp, ddp_rank, ddp_world_size, device, dtype, autocast = compute_init(args)
+    master_process = ddp_rank == 0
+    torch.manual_seed(args.seed)
+    if args.batch_size % ddp_world_size != 0:
+        fail(f"--batch_size {args.batch_size} is not divisible by processes ({ddp_world_size})")
+    if args.logreg and args.cached:
+        fail("--logreg 1 and --cached 1 are two different classifiers; choose one")
+    if args.train_list and args.per_class:
+        fail("--train_list and --per_class both pick the labelled images; choose one")
+    if args.eval_head and (args.logreg or args.cached or args.resume or args.train_list or args.per_class):
+        fail("--eval_head evaluates a trained head; --logreg, --cached, --resume, --train_list, --per_class train one")
+    args.out_dir = args.out_dir or ("" if args.eval_head else "out/probe")  # --eval_head: only a given out_dir
+    args.pool = args.pool or ("" if args.eval_head else "cls")  # --eval_head: the file's pooling unless --pool
+    ckpt = None
+    if not (args.eval_head or args.logreg):  # the linear probe: lock out_dir, find the checkpoint to continue
+        ckpt = start_run(args, "probe", "probe.pt", RESUME_FLAGS)[1]
+    elif master_process and args.out_dir:
+        lock_out_dir(args.out_dir)
+
+    # encoder and data: every check before any feature is extracted
+    try:
+        encoder = vit.load_encoder(args.init, args.which, args.img_size or None, master_process, args.heads or None)
+        head, args.pool, layout = read_head(args.eval_head, encoder.args["dim"], args.pool or None) \
+            if args.eval_head else (None, args.pool, None)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        fail(str(e))
+    model_args = encoder.args
+    img_size = model_args["img_size"]
+    crop = functools.partial(centre_crop, crop_pct=args.crop_pct)
+    val_set = ImageFolder(split_folder(args.data_path, "val"), img_size, crop, None, args.seed, args.skip_bad_images,
+                          resize=device == "cpu")
+    C = len(val_set.classes)
+    if head is not None and head[1].out_features != C:
+        fail(f"--eval_head {args.eval_head} is a head for {head[1].out_features} classes, "
+             f"{os.path.join(args.data_path, 'val')} has {C} class folders")
+    augment = not args.cached and not args.logreg and bool(args.train_aug)
+    if not args.eval_head:
+        train_set = ImageFolder(split_folder(args.data_path, "train"), img_size, train_box if augment else crop,
+                                flip_each if augment else None, args.seed, args.skip_bad_images, resize=device == "cpu")
+        if train_set.classes != val_set.classes:
+            fail(f"train and val class folders differ: {sorted(set(train_set.classes) ^ set(val_set.classes))[:6]}")
+        if args.train_list or args.per_class:
+            train_set.samples = [train_set.samples[i] for i in select_train(
+                train_set.samples, train_set.classes, args.train_list, args.per_class, args.seed)]
+        if not args.logreg and len(train_set) < args.batch_size:
+            fail(f"--batch_size {args.batch_size} is larger than the training set ({len(train_set)} images)")
+    encoder.to(device)
+    model = torch.compile(encoder) if args.compile else encoder
+    if master_process:
+        mode = f"evaluation of {args.eval_head} ({layout})" if args.eval_head else "logistic regression" \
+            if args.logreg else "cached features" if args.cached else "streaming, augmented" if augment else \
+            "streaming, centre crops"
+        train = "" if args.eval_head else f"{len(train_set)} train / "
+        print(f"probe ({mode}): encoder {model_args} from {args.init} ({args.pool} pooling, {dtype}), {train}"
+              f"{len(val_set)} val images, {C} classes, {ddp_world_size} process(es)")
+    if args.eval_head:
+        evaluate_head(args, model, model_args, head, layout, val_set, device, autocast)
+    elif args.logreg:
+        logistic_regression(args, model, model_args, train_set, val_set, device, autocast)
+    else:
+        train_heads(args, model, model_args, ckpt, train_set, val_set, device, autocast)
+        return  # train_heads left together with every rank
+    leave()
+
+
+# ==== plumbing: the same in every stage script below this line ====
+# Each stage script is meant to be copied alone with vit.py, so each carries this block. tests/test_layout.py keeps
+# the copies equal (knn.py's without the training-only part); scripts/sync_plumbing.py copies an edit to all.
+
+def fail(msg):
+    """The one line of every failure (on a line of its own under a progress bar), exit status 2."""
+    tqdm.write(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_flags(args, rules):
+    """rules: (flags, wanted, test) rows; the device, worker and 0/1 flags every script has are added. One line per
+    flag out of its range (a list flag: any entry), then exit 2, before anything runs."""
+    bad = []
+    for flags, wanted, ok in rules + [("num_workers", ">= 0", lambda v: v >= 0),
+                                      ("compile skip_bad_images", "0 or 1", lambda v: v in (0, 1)),
+                                      ("device", "auto, cpu, cuda or cuda:N",
+                                       lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v))]:
+        for flag in flags.split():
+            v = getattr(args, flag)
+            if not all(ok(x) for x in (v if isinstance(v, list) else [v])):
+                bad.append(f"error: --{flag} {' '.join(map(str, v)) if isinstance(v, list) else v} must be {wanted}")
+    if bad:
+        print("\n".join(bad), file=sys.stderr)
+        sys.exit(2)
+
+
+def compute_init(args, tf32=True):
+    """Stop signals, DDP (torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; NCCL on GPUs, gloo on CPU), the device and
+    the autocast dtype (bfloat16 on GPUs that have it). -> ddp, ddp_rank, ddp_world_size, device, dtype, autocast"""
+    for s in STOP_SIGNALS:  # SLURM and most schedulers warn with SIGTERM or SIGUSR1: checkpoint, then exit 0
+        signal.signal(s, lambda signum, frame: STOP.append(signum))
+    use_cuda = torch.cuda.is_available() if args.device == "auto" else args.device.startswith("cuda")
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if ddp:
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    ddp_rank, ddp_world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu"
+    if use_cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if use_cuda and torch.cuda.is_bf16_supported() \
+        else "float32"
+    autocast = nullcontext() if dtype == "float32" else torch.autocast(device.split(":")[0], getattr(torch, dtype))
+    return ddp, ddp_rank, ddp_world_size, device, dtype, autocast
+
+
+STOP_SIGNALS, STOP = (signal.SIGTERM, signal.SIGUSR1), []  # the stop signals received
+
+
+def stop_requested(device):
+    """A stop signal to any rank stops every rank at the same step."""
+    stop = torch.tensor(float(bool(STOP)), device=device)
+    if dist.is_initialized():
+        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+    return bool(stop.item())
+
+
+def leave(msg=""):
+    """Every rank together (rank 0 may still be writing; gloo aborts otherwise): the message, then exit 0."""
+    if msg and int(os.environ.get("RANK", 0)) == 0:
+        tqdm.write(msg)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# data: an image folder -> uint8 crops, cut and flipped by data-loading workers, resized and normalised on the GPU
+IMG_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif")
+
+
+def split_folder(data_path, split):
+    path = os.path.join(data_path, split)
+    if not os.path.isdir(path):
+        fail(f"missing split folder {path} (expected {os.path.join(data_path, '{train,val}')}/<class>/<image>)")
+    return path
+
+
+def scan_image_folder(root):
+    """[(path, class index)], classes: subfolder names in string order ("0", "10", "2"), the images directly in each
+    (not in nested folders); names starting with "." (macOS ._* files, .ipynb_checkpoints) are not read."""
+    if not os.path.isdir(root):
+        fail(f"image folder not found: {root}")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        fail(f"no class folders in {root} (expected {root}/<class>/<image>)")
+    samples = []
+    for c, name in enumerate(classes):
+        files = sorted(f for f in os.listdir(os.path.join(root, name)) if f.lower().endswith(IMG_EXTS) and f[0] != ".")
+        if not files:
+            fail(f"class folder {os.path.join(root, name)} holds no images ({', '.join(IMG_EXTS)})")
+        samples += [(os.path.join(root, name, f), c) for f in files]
+    return samples, classes
+
+
+def to_rgb(img):
+    """Any PIL image -> 8-bit RGB. convert("RGB") clips 16- and 32-bit integers at 255 and takes floats as 0-255, so
+    those are scaled: integers (I;16*, I) by 255 / 65535, values outside 0-65535 refused; floats (F) by 255, values
+    outside [0, 1] refused. Refusals and modes convert("RGB") gets wrong (LAB) raise OSError: unreadable images."""
+    if img.mode in ("RGB", "1", "L", "P", "PA", "LA", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "HSV"):
+        return img if img.mode == "RGB" else img.convert("RGB")
+    if img.mode not in ("I", "F") and not img.mode.startswith("I;16"):
+        raise OSError(f"image mode {img.mode} is not supported (save it as RGB)")
+    a, (hi, scale) = np.asarray(img, dtype=np.float64), (1, 255) if img.mode == "F" else (65535, 255 / 65535)
+    if not 0 <= a.min() <= a.max() <= hi:  # NaN fails too
+        raise OSError(f"mode {img.mode} values span [{a.min():g}, {a.max():g}], outside [0, {hi}] (save it as RGB)")
+    return Image.fromarray(np.rint(a * scale).astype(np.uint8)).convert("RGB")
+
+
+class UnreadableImage(RuntimeError):
+    """A DataLoader worker's arrives as UnreadableImage(its traceback): keep the last line, the message."""
+
+    def __init__(self, msg):
+        super().__init__(msg.strip().splitlines()[-1].partition("UnreadableImage: ")[2] or msg)
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """root/<class>/<image>. Items are (epoch, index) pairs from the sampler, and every random draw of an item comes
+    from a function of (seed, epoch, index) alone: any number of workers, any restart, the same crops. The stage's
+    augmentation comes in as two functions: boxes(rng, w, h) -> crop boxes of a w x h image, finish(crops, rng) ->
+    the crops after flips and colour changes (None: as cut). resize=False: crops leave the worker at their own size
+    and crops_to_batch resizes them on the GPU, which takes a third of a worker's time off it at 224 px."""
+
+    def __init__(self, root, img_size, boxes, finish=None, seed=0, skip_bad=False, resize=True):
+        self.samples, self.classes = scan_image_folder(root)
+        self.img_size, self.boxes, self.finish, self.seed = img_size, boxes, finish, seed
+        self.skip_bad, self.resize, self.bad = skip_bad, resize, 0
+
+    def __len__(self):
+        return len(self.samples)
+
+    def load(self, i, boxes_fn):
+        """Decode image i and cut the boxes boxes_fn(w, h) returns -> (crops, label, index of the image used).
+        JPEGs are decoded at reduced size (PIL draft: DCT scaling) when even the smallest crop stays at least
+        twice img_size. An unreadable image stops the run naming the file, or with skip_bad the next one is used."""
+        for attempt in range(len(self.samples)):
+            j = (i + attempt) % len(self.samples)
+            path = self.samples[j][0]
+            try:
+                img = Image.open(path)
+                w, h = img.size
+                boxes = boxes_fn(w, h)
+                f = min(min(b[2] - b[0], b[3] - b[1]) for b in boxes) / self.img_size
+                if f >= 2:
+                    img.draft(None, (math.ceil(w / f), math.ceil(h / f)))
+                k = round(w / img.size[0])  # the draft's DCT scale (1, 2, 4 or 8); it rounds sides up
+                img, S = to_rgb(img), self.img_size
+                if self.resize:  # crop + bicubic resize in one resample
+                    crops = [img.resize((S, S), Image.BICUBIC, box=tuple(v / k for v in b)) for b in boxes]
+                else:
+                    crops = [img.crop(tuple(min(round(v / k), s) for v, s in zip(b, img.size * 2))) for b in boxes]
+                return crops, self.samples[j][1], j
+            except (OSError, Image.DecompressionBombError) as e:  # the bomb: over twice Image.MAX_IMAGE_PIXELS
+                if not self.skip_bad:
+                    raise UnreadableImage(f"unreadable image {path}: {e} "
+                                          "(use --skip_bad_images 1 to skip such files)") from None
+                self.bad += 1
+                print(f"warning: skipping unreadable image {path} ({e}); {self.bad} skipped in this worker",
+                      file=sys.stderr)
+        raise UnreadableImage("no readable image in the dataset")
+
+    def __getitem__(self, item):
+        epoch, i = item
+        rng = random.Random((self.seed * 1_000_003 + epoch) * 1_000_003 + i)
+        crops, label, j = self.load(i, lambda w, h: self.boxes(rng, w, h))
+        crops = self.finish(crops, rng) if self.finish else crops
+        return [torch.from_numpy(np.array(c)) for c in crops], label, j  # V x (h, w, 3) uint8
+
+
+def collate(batch):
+    """Crops differ in size: one flat uint8 tensor (one shared-memory block per batch, not one per crop) and their
+    (h, w), sample 0's views first. -> flat, sizes (n, 2), labels (b,), indices (b,)"""
+    crops = [c for item in batch for c in item[0]]
+    return (torch.cat([c.flatten() for c in crops]), torch.tensor([c.shape[:2] for c in crops]),
+            torch.tensor([item[1] for item in batch]), torch.tensor([item[2] for item in batch]))
+
+
+def crops_to_batch(flat, sizes, img_size, device):
+    """collate's crops -> (n, 3, S, S) float in [0, 255] on the device; crops not yet S x S get the bicubic resize
+    of RandomResizedCrop here (antialiased, as PIL's)."""
+    flat, out, o = flat.to(device, non_blocking=True).float(), [], 0  # one copy and one cast per batch
+    for h, w in sizes.tolist():
+        x = flat[o:o + h * w * 3].view(1, h, w, 3).permute(0, 3, 1, 2)  # (1, 3, h, w), a view
+        o += h * w * 3
+        out.append(x if (h, w) == (img_size, img_size) else
+                   F.interpolate(x, size=(img_size, img_size), mode="bicubic", antialias=True))
+    return torch.cat(out).clamp_(0, 255)  # bicubic overshoots at edges; PIL clamps too
+
+
+def quiet_worker(worker_id):
+    """worker_init_fn: stop signals are the main process's to handle. timeout and SLURM signal every process of the
+    job, and torch's worker dies of a SIGTERM not from its parent; start_workers blocks them until here."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def make_loader(dataset, batch_size, sampler, num_workers, device, persistent=True):
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                                       pin_memory=device != "cpu", persistent_workers=persistent and num_workers > 0,
+                                       collate_fn=collate, worker_init_fn=quiet_worker)
 
 
 def start_workers(loader):
-    """iter(loader), SIGTERM / SIGUSR1 held back while it forks workers: one would die of them before ignoring them."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})
+    """iter(loader), the stop signals held back while it starts workers: one would die of them before ignoring them."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         return iter(loader)
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGUSR1})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def shut_down():
     """Every way out (__main__'s finally). The workers ignore SIGTERM, which the loader's and multiprocessing's exit
     send before joining them: SIGKILL them, torch's SIGCHLD handler off (it would raise). A stop signal is ignored
     from now on: during the exit the interpreter restores its default action, which would kill the process."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for p in multiprocessing.active_children():
         p.kill()
         p.join()
 
 
-def get_lr(it, lr, min_lr, warmup_iters, max_iters):
-    """Per optimizer step: linear warmup, lr * (it + 1) / (warmup_iters + 1) at step it < warmup_iters (the
-    authors' schedule: the first step does not run at lr 0), then cosine from lr at warmup_iters to min_lr."""
-    if it < warmup_iters:
-        return lr * (it + 1) / (warmup_iters + 1)
-    progress = min(1.0, (it - warmup_iters) / max(1, max_iters - warmup_iters))
-    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def save_atomic(obj, path):
-    """Write to a temp file, flush it to the disk, then rename: a crash or a full disk mid-write leaves the
-    previous file intact; a failed write (no space left, a quota) removes the temp file, one line."""
+@torch.no_grad()
+def extract_features(encoder, dataset, how, dim, batch_size, num_workers, device, autocast, desc="features"):
+    """Pooled features of every image of dataset: (len(dataset), dim) float32 on device, on every rank, in dataset
+    order. Rank r encodes images r, r + world, r + 2 world, ...; the all_gather puts them back in order, so the
+    result does not depend on the number of processes."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    n = len(dataset)
+    per = -(-n // world)  # images per rank; the short ranks' last row stays zero (padding)
+    loader = make_loader(dataset, max(1, batch_size // world), [(0, i) for i in range(rank, n, world)], num_workers,
+                         device, persistent=False)
+    feats, j = torch.zeros(per, dim, device=device), 0
     try:
-        with open(path + ".tmp", "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
-    except (OSError, RuntimeError) as e:  # torch.save's zip writer can turn a failed write into a RuntimeError
-        os_error = e if isinstance(e, OSError) else e.__context__
-        if not isinstance(os_error, OSError):
-            raise
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
-        fail(f"cannot write {path}: {os_error.strerror or os_error} (earlier checkpoints are intact)")
+        for flat, sizes, _, _ in tqdm(start_workers(loader), total=len(loader), desc=desc, disable=rank != 0,
+                                      dynamic_ncols=True, leave=False):
+            with autocast:
+                f = vit.pool(encoder(vit.normalize(crops_to_batch(flat, sizes, dataset.img_size, device))), how)
+            feats[j:j + len(f)] = f.float()
+            j += len(f)
+    except UnreadableImage as e:  # from a worker or not: one line (main() may run in the caller's process)
+        fail(str(e))
+    if world > 1:
+        parts = [torch.empty_like(feats) for _ in range(world)]
+        dist.all_gather(parts, feats)
+        feats = torch.stack(parts, dim=1).flatten(0, 1)  # (per, world, dim): row q*world + r is image q*world + r
+    return feats[:n]
 
+
+# -----------------------------------------------------------------------------
+# out_dir: one run at a time, files written whole
 
 def lock_out_dir(out_dir):
-    """Rank 0: create out_dir and lock it until this process ends, so a second run into it is refused before it writes
-    anything. A kernel lock (fcntl), dropped when the process dies however it dies; the file names the holder."""
+    """Rank 0: create out_dir and lock it until this process ends, so a second run into it is refused before it
+    writes anything. A kernel lock (fcntl), dropped when the process dies however it dies; the file names the holder."""
     path, pid = os.path.join(out_dir, "lock"), os.getpid()
     me = f"pid {pid} on host {socket.gethostname()}"
     try:
@@ -545,18 +791,126 @@ def lock_out_dir(out_dir):
                 fail(f"--out_dir {out_dir} is in use by another run ({holder}): wait for it, use another out_dir, "
                      f"or if that run is gone (its node died), delete {path}")
             except OSError as e:  # a file system without locks: run, but say so
-                print(f"warning: cannot lock {path} ({e.strerror}): a second run would not be stopped", file=sys.stderr)
+                print(f"warning: cannot lock {path} ({e.strerror}): a second run would not be stopped",
+                      file=sys.stderr)
             if os.path.exists(path) and os.path.samestat(os.fstat(fd), os.stat(path)):
                 break
             os.close(fd)
         stale = os.read(fd, 200).decode(errors="replace").strip()
         if stale and stale != me:  # (me: main() called again in one process)
-            print(f"warning: taking over the lock {path} of {stale}, which ended without releasing it", file=sys.stderr)
+            print(f"warning: taking over the lock {path} of {stale}, which ended without releasing it",
+                  file=sys.stderr)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{me}\n".encode(), 0)
     except OSError as e:  # FileExistsError: out_dir is a file
-        fail(f"cannot write to --out_dir {out_dir}: {'it is a file' if isinstance(e, FileExistsError) else e.strerror}")
-    atexit.register(lambda: os.getpid() == pid and os.path.exists(path) and os.remove(path))  # not in forked workers
+        fail(f"cannot write to --out_dir {out_dir}: "
+             f"{'it is a file' if isinstance(e, FileExistsError) else e.strerror}")
+    atexit.register(lambda: os.getpid() == pid and os.path.exists(path) and os.remove(path))  # not in the workers
+
+
+def log_line(out_dir, entry):
+    """Rank 0: one JSON line appended to out_dir/log.txt."""
+    with open(os.path.join(out_dir, "log.txt"), "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def save_atomic(obj, path):
+    """torch.save (a PIL image: PNG) to a temp file, flushed to the disk, then renamed: a crash or a full disk
+    mid-write leaves the previous file intact; a failed write (no space left, a quota) removes the temp file."""
+    try:
+        with open(path + ".tmp", "wb") as f:
+            obj.save(f, format="PNG") if isinstance(obj, Image.Image) else torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:  # torch.save's zip writer can turn a failed write into a RuntimeError
+        os_error = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(os_error, OSError):
+            raise
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        fail(f"cannot write {path}: {os_error.strerror or os_error} (earlier checkpoints are intact)")
+
+
+# ---- training only: the rest of the block up to the end of training only (knn.py trains nothing) ----
+
+def get_lr(it, lr, min_lr, warmup_iters, max_iters):
+    """Per optimizer step: linear warmup, lr * (it + 1) / (warmup_iters + 1) at step it < warmup_iters (the authors'
+    schedule: the first step does not run at lr 0), then cosine from lr at warmup_iters to min_lr."""
+    if it < warmup_iters:
+        return lr * (it + 1) / (warmup_iters + 1)
+    progress = min(1.0, (it - warmup_iters) / max(1, max_iters - warmup_iters))
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def random_resized_crop(rng, w, h, scale, ratio=(3 / 4, 4 / 3)):
+    """Crop box (left, top, right, bottom) of RandomResizedCrop, drawn with rng."""
+    area = w * h
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+            return x, y, x + cw, y + ch
+    aspect = min(max(w / h, ratio[0]), ratio[1])  # fall back to a centre crop
+    cw, ch = (w, round(w / aspect)) if w / h < aspect else (round(h * aspect), h)
+    cw, ch = min(cw, w), min(ch, h)
+    return (w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch
+
+
+def flip_each(crops, rng):  # horizontal flip, p 0.5 per crop
+    return [c.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else c for c in crops]
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Epoch-seeded permutation; step s of the epoch takes the global batch perm[s*B:(s+1)*B] and this rank its
+    slice, so the global batch does not depend on the number of processes. Drops the last incomplete batch.
+    start_step skips steps already done (resume)."""
+
+    def __init__(self, n, batch_size, rank, world, seed):
+        self.n, self.batch_size, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
+        self.steps = n // batch_size
+        self.epoch, self.start_step = 0, 0
+
+    def set_epoch(self, epoch, start_step=0):
+        self.epoch, self.start_step = epoch, start_step
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g)[: self.steps * self.batch_size]
+        per_rank = perm.view(self.steps, self.world, -1)[self.start_step:, self.rank].reshape(-1)
+        return iter([(self.epoch, int(i)) for i in per_rank])
+
+    def __len__(self):
+        return (self.steps - self.start_step) * (self.batch_size // self.world)
+
+
+def train_loader(dataset, args, device):
+    """The training loader: each process takes its share of the global batch, in --grad_accum micro-batches."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    accum = getattr(args, "grad_accum", 1)
+    if args.batch_size % (world * accum):
+        fail(f"--batch_size {args.batch_size} is not divisible by processes ({world})" +
+             (f" x --grad_accum ({accum})" if hasattr(args, "grad_accum") else ""))
+    if len(dataset) < args.batch_size:
+        fail(f"--batch_size {args.batch_size} is larger than the training set ({len(dataset)} images)")
+    sampler = ShardSampler(len(dataset), args.batch_size, rank, world, args.seed)
+    return make_loader(dataset, args.batch_size // world // accum, sampler, args.num_workers, device)
+
+
+def epochs(sampler, iter_num):
+    """Sets the sampler to each epoch from step iter_num on: a resumed run starts mid-epoch where it stopped."""
+    while True:
+        sampler.set_epoch(iter_num // sampler.steps, start_step=iter_num % sampler.steps)
+        yield
+        iter_num = (iter_num // sampler.steps + 1) * sampler.steps
+
+
+def train_batches(loader, iter_num):
+    """The loader's (micro-)batches from step iter_num on, epoch after epoch."""
+    for _ in epochs(loader.sampler, iter_num):
+        yield from start_workers(loader)
 
 
 def find_resume(resume, out_dir, final_name, stage):
@@ -576,344 +930,136 @@ def find_resume(resume, out_dir, final_name, stage):
                 print(f"warning: {e}; resuming from the previous checkpoint {previous}", file=sys.stderr)
     return "", None
 
-# -----------------------------------------------------------------------------
-def main(args):
-    # preemption: SLURM and most schedulers send SIGTERM or SIGUSR1; stop at the next log step and checkpoint
-    stop_signal = []
-    for s in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(s, lambda signum, frame: stop_signal.append(signum))
-    check_flags(args, [  # every flag's range, before anything runs: (flags, wanted, test)
-        ("epochs batch_size eval_every log_interval ckpt_interval", ">= 1", lambda v: v >= 1),
-        ("max_iters num_workers keep_last img_size per_class min_lr weight_decay heads", ">= 0", lambda v: v >= 0),
-        ("warmup_epochs", "-1 or >= 0", lambda v: v == -1 or v >= 0),
-        ("blrs lambd", "> 0", lambda v: v > 0),
-        ("crop_pct", "in (0, 1]", lambda v: 0 < v <= 1),
-        ("cached train_aug logreg compile skip_bad_images", "0 or 1", lambda v: v in (0, 1)),
-        ("device", "auto, cpu, cuda or cuda:N", lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v)),
-    ])
-    # DDP: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; NCCL on GPUs, gloo on CPU
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    use_cuda = torch.cuda.is_available() if args.device == "auto" else args.device.startswith("cuda")
-    if ddp:
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        ddp_rank, ddp_local_rank, ddp_world_size = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
-    else:
-        ddp_rank, ddp_local_rank, ddp_world_size = 0, 0, 1
-    master_process = ddp_rank == 0
-    device = f"cuda:{ddp_local_rank}" if use_cuda else "cpu"
-    if use_cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if use_cuda and torch.cuda.is_bf16_supported() else "float32"
-    autocast = nullcontext() if dtype == "float32" else torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype))
-    torch.manual_seed(args.seed)
-    if args.batch_size % ddp_world_size != 0:
-        fail(f"--batch_size {args.batch_size} is not divisible by processes ({ddp_world_size})")
-    if args.logreg and args.cached:
-        fail("--logreg 1 and --cached 1 are two different classifiers; choose one")
-    if args.train_list and args.per_class:
-        fail("--train_list and --per_class both pick the labelled images; choose one")
-    if args.eval_head and (args.logreg or args.cached or args.resume or args.train_list or args.per_class):
-        fail("--eval_head evaluates a trained head; --logreg, --cached, --resume, --train_list, --per_class train one")
-    out_dir = args.out_dir or ("" if args.eval_head else "out/probe")  # --eval_head writes only to a given out_dir
-    if master_process and out_dir:
-        lock_out_dir(out_dir)
 
-    # encoder and data: every check before any feature is extracted
+def start_run(args, stage, final_name, resume_flags):
+    """Rank 0 locks out_dir; every rank finds the checkpoint to continue (--resume), which must have been made with
+    the same resume_flags. -> (path, checkpoint) or ("", None)"""
+    if int(os.environ.get("RANK", 0)) == 0:
+        lock_out_dir(args.out_dir)
     try:
-        encoder = vit.load_encoder(args.init, args.which, args.img_size or None, master_process, args.heads or None)
-        head, args.pool, layout = read_head(args.eval_head, encoder.args["dim"], args.pool) if args.eval_head else \
-            (None, args.pool or "cls", None)  # --eval_head: the file's pooling unless --pool
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        fail(str(e))
-    model_args, D = encoder.args, encoder.args["dim"]
-    img_size = model_args["img_size"]
-    splits = ("val",) if args.eval_head else ("train", "val")  # --eval_head trains nothing
-    for split in splits:
-        if not os.path.isdir(os.path.join(args.data_path, split)):
-            fail(f"missing split folder {os.path.join(args.data_path, split)} (expected {'/ and '.join(splits)}/)")
-    augment = not args.cached and not args.logreg and bool(args.train_aug)
-    val_set = ImageFolder(os.path.join(args.data_path, "val"), img_size, False, args.crop_pct, args.seed,
-                          args.skip_bad_images, resize=not use_cuda)
-    C = len(val_set.classes)
-    if head is not None and head[1].out_features != C:
-        fail(f"--eval_head {args.eval_head} is a head for {head[1].out_features} classes, "
-             f"{os.path.join(args.data_path, 'val')} has {C} class folders")
-    if not args.eval_head:
-        train_set = ImageFolder(os.path.join(args.data_path, "train"), img_size, augment, args.crop_pct, args.seed,
-                                args.skip_bad_images, resize=not use_cuda)
-        if train_set.classes != val_set.classes:
-            fail(f"train and val class folders differ: {sorted(set(train_set.classes) ^ set(val_set.classes))[:6]}")
-        if args.train_list or args.per_class:
-            train_set.samples = [train_set.samples[i] for i in
-                                 select_train(train_set.samples, train_set.classes, args.train_list, args.per_class, args.seed)]
-        n_train = len(train_set)
-        if not args.logreg and n_train < args.batch_size:
-            fail(f"--batch_size {args.batch_size} is larger than the training set ({n_train} images)")
-    encoder.to(device)
-    if args.compile:
-        encoder = torch.compile(encoder)
-    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1) * 255
-
-    def to_input(flat, sizes):  # collate's crops -> (n, 3, S, S) float on the device, ImageNet mean/std
-        return (crops_to_batch(flat, sizes, img_size, device) - mean) / std
-
-    def features(dataset, desc):  # (len(dataset), D) float32 on every rank; an unreadable image -> one line
-        try:
-            return extract_features(encoder, dataset, args.pool, D, args.batch_size, ddp_rank, ddp_world_size, device,
-                                    autocast, to_input, args.num_workers, desc)
-        except UnreadableImage as e:
-            fail(str(e))
-
-    def labels_of(dataset):
-        return torch.tensor([c for _, c in dataset.samples], device=device)
-
-    def log(entry):
-        with open(os.path.join(out_dir, "log.txt"), "a") as f:
-            f.write(json.dumps(entry) + "\n")
-
-    # -------------------------------------------------------------------------
-    # --eval_head: a trained head on the val centre crops (every rank encodes its share; features gathered)
-    if args.eval_head:
-        if master_process:
-            print(f"probe evaluation: encoder {model_args} from {args.init} ({args.pool} pooling, {dtype}), head "
-                  f"{args.eval_head} ({layout}), {len(val_set)} val images, {C} classes, {ddp_world_size} process(es)")
-        with torch.no_grad():
-            logits, y = head.to(device)(features(val_set, "val")), labels_of(val_set)  # (N, C), (N,)
-        top1 = 100.0 * (logits.argmax(1) == y).double().mean().item()
-        top5 = 100.0 * (logits.topk(min(5, C), dim=1).indices == y[:, None]).any(1).double().mean().item()
-        if master_process:
-            print(f"top-1 {top1:.2f}%, top-5 {top5:.2f}%")
-        if master_process and out_dir:
-            log(dict(eval_top1=round(top1, 4), eval_top5=round(top5, 4), init=args.init, which=args.which,
-                     eval_head=args.eval_head, pool=args.pool, val=len(val_set), img_size=img_size, crop_pct=args.crop_pct))
-        if ddp:
-            dist.barrier()  # rank 0 may still be writing; leave together (gloo aborts otherwise)
-            dist.destroy_process_group()
-        return
-
-    if master_process:
-        mode = "logistic regression" if args.logreg else "cached features" if args.cached else \
-            "streaming, augmented" if augment else "streaming, centre crops"
-        print(f"probe ({mode}): encoder {model_args} from {args.init} ({args.pool} pooling, {dtype}), {n_train} train / "
-              f"{len(val_set)} val images, {C} classes, {ddp_world_size} process(es)")
-
-    # -------------------------------------------------------------------------
-    # low-shot logistic regression: features once, one convex fit (identical on every rank), top-1 on val
-    if args.logreg:
-        x, xv = features(train_set, "train"), features(val_set, "val")
-        if args.center == "train":  # the labelled set's mean feature
-            mu = x.mean(0)
-            x, xv = x - mu, xv - mu
-        else:  # each feature vector's own mean over its dimensions (cyanure.preprocess(columns=False, centering=True))
-            x, xv = x - x.mean(1, keepdim=True), xv - xv.mean(1, keepdim=True)
-        x, xv = F.normalize(x, dim=1), F.normalize(xv, dim=1)
-        lam = args.lambd / n_train
-        W, info = fit_logreg(x, labels_of(train_set), C, lam)
-        logits, yv = xv.double() @ W.T, labels_of(val_set)  # (Nv, C)
-        top1 = 100.0 * (logits.argmax(1) == yv).double().mean().item()
-        top5 = 100.0 * (logits.topk(min(5, C), dim=1).indices == yv[:, None]).any(1).double().mean().item()
-        if master_process:
-            print(f"logistic regression on {n_train} labelled images, lambda {args.lambd} / {n_train} = {lam:.3g}: "
-                  f"val top-1 {top1:.2f}%, top-5 {top5:.2f}% (L-BFGS {info['iters']} iterations, objective {info['loss']:.6g}, "
-                  f"within {info['gap']:.1e} of the minimum)")
-            if info["gap"] > 1e-6 * info["loss"]:
-                print(f"warning: L-BFGS stopped {info['gap']:.1e} from the minimum (objective {info['loss']:.3g}): not converged", file=sys.stderr)
-            log(dict(logreg_top1=round(top1, 4), logreg_top5=round(top5, 4), n_train=n_train, lambd=args.lambd,
-                     center=args.center, **info))
-            train_files = [f"{train_set.classes[c]}/{os.path.basename(p)}" for p, c in train_set.samples]
-            save_atomic(dict(stage="logreg", weight=W.cpu(), center=args.center, mean=mu.cpu() if args.center == "train" else None,
-                             lambd=args.lambd, top1=top1, top5=top5, pool=args.pool, classes=train_set.classes,
-                             encoder_init=args.init, which=args.which, model_args=model_args, img_size=img_size,
-                             crop_pct=args.crop_pct, train_files=train_files, args=vars(args)),
-                        os.path.join(out_dir, "logreg.pt"))
-            print(f"wrote {os.path.join(out_dir, 'logreg.pt')}")
-        if ddp:
-            dist.barrier()  # rank 0 may still be writing; leave together (gloo aborts otherwise)
-            dist.destroy_process_group()
-        return
-
-    # -------------------------------------------------------------------------
-    # linear heads, resumed or fresh
-    H = len(args.blrs)
-    heads = LinearHeads(D, C, H, args.seed).to(device)
-    # one group per head: its own lr; SGD momentum 0.9, weight decay 0 (authors)
-    optimizer = torch.optim.SGD([dict(params=list(lin.parameters())) for lin in heads.linears], lr=0.0,
-                                momentum=0.9, weight_decay=args.weight_decay)
-    lrs = [blr * args.batch_size / 256 for blr in args.blrs]
-    iter_num = 0
-    best = dict(head=None, blr=None, lr=None, top1=-1.0, top5=-1.0, epoch=None)  # over heads and evaluations
-    head_best, last = [-1.0] * H, None  # each head's best top-1; the last evaluation
-    try:
-        resume_path, ckpt = find_resume(args.resume, out_dir, "probe.pt", "probe")
-        for k in RESUME_FLAGS if ckpt is not None else ():
-            if ckpt["args"].get(k) != getattr(args, k):
-                fail(f"{resume_path} was made with --{k} {ckpt['args'].get(k)}, this run has --{k} {getattr(args, k)}")
+        path, ckpt = find_resume(args.resume, args.out_dir, final_name, stage)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
-    if ckpt is not None:
-        heads.load_state_dict(ckpt["heads"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        iter_num, head_best, last = ckpt["iter_num"], ckpt["head_best"], ckpt["last"]
-        best = {k: ckpt[k] for k in best}
-        if master_process:
-            print(f"resuming from {resume_path} at iteration {iter_num}")
-        ckpt = None
-    raw_heads = heads
+    for k in resume_flags if ckpt is not None else ():
+        if ckpt["args"].get(k) != getattr(args, k):
+            fail(f"{path} was made with --{k} {ckpt['args'].get(k)}, this run has --{k} {getattr(args, k)}")
+    if ckpt is not None and int(os.environ.get("RANK", 0)) == 0:
+        print(f"resuming from {path} at iteration {ckpt['iter_num']}")
+    return path, ckpt
 
-    sampler = ShardSampler(n_train, args.batch_size, 0 if args.cached else ddp_rank, 1 if args.cached else ddp_world_size, args.seed)
-    steps_per_epoch = sampler.steps
-    max_iters = args.max_iters or args.epochs * steps_per_epoch
-    warmup_epochs = 0.1 * args.epochs if args.warmup_epochs < 0 else args.warmup_epochs
-    warmup_iters = round(warmup_epochs * steps_per_epoch)
-    eval_iters = args.eval_every * steps_per_epoch
 
-    # val features once (the encoder is frozen); cached mode: the train features too
-    val_feats, val_labels = features(val_set, "val"), labels_of(val_set)
-    if args.cached:
-        train_feats, train_labels = features(train_set, "train"), labels_of(train_set)
-    else:
-        loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size // ddp_world_size, sampler=sampler,
-                                             num_workers=args.num_workers, pin_memory=use_cuda,
-                                             persistent_workers=args.num_workers > 0, collate_fn=collate,
-                                             worker_init_fn=ignore_stop_signals)
+class Run:
+    """The bookkeeping of a training loop, so that the loop itself shows the method: the progress bar and the log
+    line, a non-finite check and the stop signals read at log steps only (a read every step would make the CPU wait
+    for the GPU, and the GPU then for the CPU's next launches), the nearest-neighbour accuracy monitor of stages 2
+    and 3 (per step, per log window and per epoch), and the one save-or-stop path."""
 
-    def all_gather_cat(t):  # this rank's rows -> all ranks' rows in rank order, i.e. the global batch order
-        parts = [torch.empty_like(t) for _ in range(ddp_world_size)]
-        dist.all_gather(parts, t)
-        return torch.cat(parts)
+    def __init__(self, args, ckpt, iter_num, max_iters, steps_per_epoch, device, nn_acc=False):
+        self.args, self.out_dir, self.max_iters, self.steps_per_epoch = args, args.out_dir, max_iters, steps_per_epoch
+        self.device, self.master, self.nn_acc = device, int(os.environ.get("RANK", 0)) == 0, nn_acc
+        self.nonfinite_at = torch.tensor(-1, device=device)  # the first iteration with a non-finite loss
+        self.monitor = dict(ckpt["monitor"]) if ckpt and nn_acc else dict(epoch=-1, correct=0.0, count=0)
+        self.pending, self.window = [], []  # accuracies per step: still on the device / since the last log line
+        self.pbar = tqdm(total=max_iters, initial=iter_num, disable=not self.master, dynamic_ncols=True)
+        self.t0, self.images, self.at_log = time.time(), 0, False
 
-    def epoch_batches():
-        """(features (B, D) float32, labels (B,)) of the global batch of each remaining step of the
-        epoch, the same on every rank: every rank then takes the same head step (no DDP needed)."""
-        if args.cached:
-            order = torch.tensor([i for _, i in sampler], device=device)
-            for s in range(0, len(order), args.batch_size):
-                idx = order[s:s + args.batch_size]
-                yield train_feats[idx], train_labels[idx]
-        else:
-            for flat, sizes, y, _ in start_workers(loader):
-                with torch.no_grad(), autocast:
-                    f = vit.pool(encoder(to_input(flat, sizes)), args.pool)
-                f, y = f.float().contiguous(), y.to(device)  # pooled rows are strided views; BN sums in memory order
-                yield (all_gather_cat(f), all_gather_cat(y)) if ddp else (f, y)
+    def log(self, entry):
+        if self.master:
+            log_line(self.out_dir, entry)
 
-    @torch.no_grad()
-    def evaluate():
-        """Val top-1 and top-5 (%) of every head."""
-        heads.eval()
-        hit1, hit5 = torch.zeros(H, dtype=torch.float64, device=device), torch.zeros(H, dtype=torch.float64, device=device)
-        for s in range(0, len(val_feats), 8192):
-            y = val_labels[s:s + 8192]
-            for h, z in enumerate(heads(val_feats[s:s + 8192])):  # (b, C)
-                hit1[h] += (z.argmax(1) == y).sum()
-                hit5[h] += (z.topk(min(5, C), dim=1).indices == y[:, None]).any(1).sum()
-        heads.train()
-        return (100.0 * hit1 / len(val_feats)).tolist(), (100.0 * hit5 / len(val_feats)).tolist()
+    def check_finite(self):  # every rank, at log steps and before each checkpoint or evaluation
+        if self.nonfinite_at.item() >= 0:
+            self.pbar.close()  # the error on its own line
+            fail(f"non-finite loss at iteration {self.nonfinite_at.item()}; the last good checkpoint is in "
+                 f"{self.out_dir}")
 
-    def checkpoint():  # the best head so far (stage "probe"), and everything to resume
-        return dict(stage="probe", **best, head_args=dict(dim=D, classes=C), pool=args.pool, classes=train_set.classes,
-                    encoder_init=args.init, which=args.which, model_args=model_args, img_size=img_size,
-                    crop_pct=args.crop_pct, heads=raw_heads.state_dict(), optimizer=optimizer.state_dict(),
-                    iter_num=iter_num, head_best=head_best, last=last, args=vars(args))
+    def flush_acc(self):  # pending -> the log window and the epoch's monitor, in one device read
+        vals = torch.stack(self.pending).tolist() if self.pending else []
+        self.pending.clear()
+        self.window.extend(vals)
+        self.monitor["correct"] += sum(vals)
+        self.monitor["count"] += len(vals)
 
-    # the loop reads device values (losses, stop flag) only at log steps, evaluations and checkpoints:
-    # a read every step would make the CPU wait for the GPU, and the GPU then for the CPU's next launches
-    nonfinite_at = torch.tensor(-1, device=device)  # the first iteration with a non-finite loss
+    def step(self, iter_num, loss, lr=None, acc=None):
+        """After each optimizer step: loss (the step's, a device scalar or vector), the lr, acc (stages 2 and 3: the
+        step's nearest-neighbour accuracy). At log steps the log line; at epoch ends the epoch's accuracy."""
+        self.nonfinite_at = torch.where((self.nonfinite_at < 0) & ~torch.isfinite(loss).all(), iter_num - 1,
+                                        self.nonfinite_at)
+        self.images += self.args.batch_size
+        self.pbar.update(1)
+        epoch = (iter_num - 1) // self.steps_per_epoch
+        if self.nn_acc:
+            if self.monitor["epoch"] != epoch:
+                self.monitor = dict(epoch=epoch, correct=0.0, count=0)
+            self.pending.append(acc)
+        self.at_log = iter_num % self.args.log_interval == 0 or iter_num == self.max_iters
+        if self.at_log:
+            self.check_finite()
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            if world > 1:  # the loss of the global batch, not only rank 0's share
+                loss = loss.clone()
+                dist.all_reduce(loss)
+            loss = [v / world for v in loss.tolist()] if loss.ndim else loss.item() / world
+            entry = dict(iter=iter_num, epoch=round(iter_num / self.steps_per_epoch, 3),
+                         loss=[round(v, 5) for v in loss] if isinstance(loss, list) else round(loss, 5))
+            if self.nn_acc:
+                self.flush_acc()
+                entry["nn_acc"] = round(sum(self.window) / len(self.window), 4)
+                self.window.clear()
+            if lr is not None:
+                entry["lr"] = lr
+            entry["img_per_s"] = round(self.images / (time.time() - self.t0), 1)
+            self.pbar.set_postfix(loss=f"{min(loss) if isinstance(loss, list) else loss:.4f}",
+                                  **{k: f"{entry[k]:.3f}" for k in ("nn_acc",) if k in entry},
+                                  **({"lr": f"{lr:.2e}"} if lr is not None else {}), img_s=f"{entry['img_per_s']:.0f}")
+            self.log(entry)
+            self.t0, self.images = time.time(), 0
+        if self.nn_acc and iter_num % self.steps_per_epoch == 0:  # an epoch's end: the accuracy of all its steps
+            self.flush_acc()
+            nn_acc_epoch = self.monitor["correct"] / max(1, self.monitor["count"])
+            self.log(dict(iter=iter_num, epoch=iter_num // self.steps_per_epoch, nn_acc_epoch=round(nn_acc_epoch, 4)))
+            if self.master:
+                self.pbar.write(f"epoch {iter_num // self.steps_per_epoch}: nearest-neighbour accuracy "
+                                f"{nn_acc_epoch:.4f}")
 
-    def check_finite():  # every rank, at log steps and before each checkpoint write
-        if nonfinite_at.item() >= 0:
-            pbar.close()  # the error on its own line
-            fail(f"non-finite loss at iteration {nonfinite_at.item()}; the last good checkpoint is in {out_dir}")
-
-    def stop_requested():  # a signal to any rank stops every rank at the same step
-        stop = torch.tensor(float(bool(stop_signal)), device=device)
-        if ddp:
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-        return bool(stop.item())
-
-    def save(name):  # every rank checks, rank 0 writes; the newest keep_last periodic checkpoints are kept
-        check_finite()
-        if master_process:
-            save_atomic(checkpoint(), os.path.join(out_dir, name))
-            for old in sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))[:-args.keep_last]:
+    def save(self, name, checkpoint):
+        """Every rank checks, rank 0 writes checkpoint() (plus the monitor); the newest keep_last periodic ones stay."""
+        self.check_finite()
+        self.flush_acc()
+        if self.master:
+            ckpt = checkpoint()
+            if self.nn_acc:
+                ckpt["monitor"] = dict(self.monitor)
+            save_atomic(ckpt, os.path.join(self.out_dir, name))
+            for old in sorted(glob.glob(os.path.join(self.out_dir, "ckpt_*.pt")))[:-self.args.keep_last]:
                 os.remove(old)
 
-    # training loop
-    if master_process:
-        print(f"{H} heads, blrs {args.blrs} (lr {', '.join(f'{lr:.3g}' for lr in lrs)}), batch {args.batch_size}, "
-              f"{steps_per_epoch} steps/epoch, {max_iters} iterations")
-    pbar = tqdm(total=max_iters, initial=iter_num, disable=not master_process, dynamic_ncols=True)
-    heads.train()
-    t0, imgs_seen = time.time(), 0
-    while iter_num < max_iters:
-        sampler.set_epoch(iter_num // steps_per_epoch, start_step=iter_num % steps_per_epoch)
-        batches = epoch_batches()
-        for _ in range(iter_num % steps_per_epoch, min(steps_per_epoch, iter_num % steps_per_epoch + max_iters - iter_num)):
-            for g, lr in zip(optimizer.param_groups, lrs):
-                g["lr"] = get_lr(iter_num, lr, args.min_lr, warmup_iters, max_iters)
-            f, y = next(batches)  # (B, D), (B,): the global batch
-            losses = torch.stack([F.cross_entropy(z, y) for z in heads(f)])  # (H,)
-            losses.sum().backward()  # the heads share no parameter: each gets exactly its own gradient
-            nonfinite_at = torch.where((nonfinite_at < 0) & ~torch.isfinite(losses).all(), iter_num, nonfinite_at)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            iter_num += 1
-            imgs_seen += args.batch_size
-            pbar.update(1)
-            at_log = iter_num % args.log_interval == 0 or iter_num == max_iters
-            if at_log:
-                check_finite()
-                dt = time.time() - t0
-                entry = dict(iter=iter_num, epoch=round(iter_num / steps_per_epoch, 3),
-                             loss=[round(v, 5) for v in losses.tolist()], img_per_s=round(imgs_seen / dt, 1))
-                pbar.set_postfix(loss=f"{losses.min().item():.4f}", img_s=f"{entry['img_per_s']:.0f}")
-                if master_process:
-                    log(entry)
-                t0, imgs_seen = time.time(), 0
-            if iter_num % eval_iters == 0 or iter_num == max_iters:
-                check_finite()
-                top1, top5 = evaluate()
-                last = dict(top1=top1, top5=top5, epoch=round(iter_num / steps_per_epoch, 3))
-                head_best = [max(a, b) for a, b in zip(head_best, top1)]
-                h = max(range(H), key=lambda i: top1[i])  # first best head
-                if top1[h] > best["top1"]:
-                    best = dict(head=raw_heads.head(h).state_dict(), blr=args.blrs[h], lr=lrs[h], top1=top1[h],
-                                top5=top5[h], epoch=last["epoch"])
-                if master_process:
-                    log(dict(iter=iter_num, **last, best_top1=best["top1"], best_blr=best["blr"]))
-                    pbar.write(f"epoch {last['epoch']:g}: top-1 " + " ".join(f"{v:.2f}" for v in top1) +
-                               f" (blrs {' '.join(f'{b:g}' for b in args.blrs)}); best {best['top1']:.2f} (blr {best['blr']:g})")
-            # the one save-or-stop path: a stop is read at log steps before the last (the last writes the final file);
-            # the evaluation comes first here: it reads no image (val features are extracted before training) and
-            # the checkpoint holds its result
-            stop = at_log and iter_num < max_iters and stop_requested()
-            if iter_num < max_iters and (iter_num % args.ckpt_interval == 0 or stop):
-                save(f"ckpt_{iter_num:08d}.pt")
-            if stop:
-                if master_process:
-                    pbar.write(f"stopped by signal at iteration {iter_num}; to continue, run the same command with --resume auto")
-                if ddp:
-                    dist.barrier()  # rank 0 may still be writing; leave together (gloo aborts otherwise)
-                    dist.destroy_process_group()
-                sys.exit(0)
-    pbar.close()
-    save("probe.pt")
-    if master_process:
-        if last is not None:
-            print(f"{'blr':>7} {'lr':>8} {'top-1':>7} {'top-5':>7} {'best top-1':>10}   (last evaluation: epoch {last['epoch']:g})")
-            for h in range(H):
-                print(f"{args.blrs[h]:>7g} {lrs[h]:>8.3g} {last['top1'][h]:>7.2f} {last['top5'][h]:>7.2f} {head_best[h]:>10.2f}")
-            print(f"best: top-1 {best['top1']:.2f}%, top-5 {best['top5']:.2f}% (blr {best['blr']:g}, lr {best['lr']:.3g}, "
-                  f"epoch {best['epoch']:g})")
-            log(dict(final=True, best_top1=best["top1"], best_top5=best["top5"], best_blr=best["blr"], best_epoch=best["epoch"],
-                     head_best=head_best, blrs=args.blrs))
-        print(f"wrote {os.path.join(out_dir, 'probe.pt')}")
-    if ddp:
-        dist.barrier()  # rank 0 may still be writing; leave together (gloo aborts otherwise)
-        dist.destroy_process_group()
+    def save_or_stop(self, iter_num, checkpoint, evaluate=None):
+        """The one save-or-stop path, after step(): a stop is read at log steps before the last (the last writes the
+        final file); the checkpoint due at this step is written before the evaluation due, so that a bad val image
+        cannot cost the training; then the stop: every rank leaves, exit 0."""
+        stop = self.at_log and iter_num < self.max_iters and stop_requested(self.device)
+        if iter_num < self.max_iters and (iter_num % self.args.ckpt_interval == 0 or stop):
+            self.save(f"ckpt_{iter_num:08d}.pt", checkpoint)
+        if evaluate is not None and iter_num < self.max_iters:
+            self.check_finite()  # every rank; nothing is evaluated from non-finite weights
+            evaluate()
+        if stop:
+            leave(f"stopped by signal at iteration {iter_num}; to continue, run the same command with --resume auto")
+            sys.exit(0)
+
+    def finish(self, final_name, checkpoint, after=None):
+        """The final file, then after() (the last evaluation, a summary), then every rank leaves."""
+        self.pbar.close()
+        self.save(final_name, checkpoint)
+        if self.master:
+            print(f"wrote {os.path.join(self.out_dir, final_name)}")
+        if after is not None:
+            self.check_finite()
+            after()
+        leave()
+
+# ---- end of training only ----
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """bench.py: every stage runs on CPU and reports sane numbers; the FLOP counts match a hand count and
 torch's own flop counter on the real steps; both data pipelines cut the same crops. No timing asserts."""
+import functools
 import importlib.util
 import json
 
@@ -37,12 +38,12 @@ def test_bench_runs_every_stage_on_cpu_and_reports_json():
             assert r[k] > 0, (k, r)
         assert abs(r["img_s"] * r["ms_step"] / 1e3 - 4) < 1e-6  # img/s = batch / step time
         assert "mfu" not in r and "mem_gib" not in r  # CPU: no peak given, no CUDA memory
-    assert [(w["stage"], w["win"]) for w in out["wins"]] == [(s, "frozen blocks without autograd") for s in ("head", "ct")
-                                                            if s in STAGES]
+    assert [(w["stage"], w["win"]) for w in out["wins"]] == [(s, "frozen blocks without autograd")
+                                                            for s in ("head", "ct") if s in STAGES]
     assert all(w["speedup"] > 0 for w in out["wins"])
     data = [r for r in out["rows"] if r["stage"] == "data"]
-    assert [r["variant"].split(":")[0] for r in data] == ["ours", "ours as on a CPU (resize=True)", "standard", "for scale",
-                                                          "ours, the cpu part"]
+    assert [r["variant"].split(":")[0] for r in data] == ["ours", "ours as on a CPU (resize=True)", "standard",
+                                                          "for scale", "ours, the cpu part"]
     assert all(r["img_s"] > 0 for r in data) and [r["images"] for r in data] == [3, 3, 3, 3, 9]  # 3 batches of 3 crops
     for r in data[:2]:
         assert r["speedup"] == pytest.approx(r["img_s"] / data[2]["img_s"])
@@ -59,8 +60,8 @@ def one_thread():
 
 
 def test_markdown_tables_and_bad_stage(one_thread, capsys):
-    bench.main(bench.parser.parse_args(MICRO + ["--device", "cpu", "--batch_size", "2", "--iters", "1", "--stages", "extract",
-                                                "--attn", "math"]))
+    bench.main(bench.parser.parse_args(MICRO + ["--device", "cpu", "--batch_size", "2", "--iters", "1",
+                                                "--stages", "extract", "--attn", "math"]))
     out = capsys.readouterr().out
     assert "| stage | attn | compile | dtype |" in out and "| extract | math | 0 | float32 |" in out
     for bad in (["--stages", "mae,bogus"], ["--attn", "sdpa,bogus"], ["--compile", "0,2"]):
@@ -84,7 +85,8 @@ def test_flops_match_a_hand_count():
     assert bench.mae_flops(m, d) == 3 * fwd - patch
     assert bench.encoder_flops(m, 1) == patch + block(17, D) + 3 * block(17, D)  # lower block 1x, upper 3x
     assert bench.encoder_flops(m, 2) == vit.flops_per_image(m) == patch + 2 * block(17, D)
-    assert bench.linear_flops(torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))) == 2 * (15 + 10)
+    assert bench.linear_flops(torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.ReLU(),
+                                                  torch.nn.Linear(5, 2))) == 2 * (15 + 10)
 
 
 @pytest.mark.parametrize("stage", ["mae", "head", "ct", "extract"])
@@ -93,12 +95,14 @@ def test_flops_equal_torch_flop_counter_on_the_real_step(stage, one_thread):
         pytest.skip("nnclr_head.py / contrastive_tune.py not there yet")
     """The FLOPs bench.py reports per image are what torch counts for a whole step (forward, backward,
     optimizer) divided by the batch; the autograd twin of frozen blocks does strictly more."""
-    args = bench.parser.parse_args(MICRO + ["--img_size", "16", "--patch_size", "4", "--depth", "4", "--batch_size", "3"])
+    args = bench.parser.parse_args(MICRO + ["--img_size", "16", "--patch_size", "4", "--depth", "4",
+                                            "--batch_size", "3"])
     b = bench.Bench(args, "cpu")
     vit.set_attn_backend("math")  # torch's counter does not see the CPU SDPA kernel
     counted = {}
     for frozen in ("no_grad", "autograd"):
-        step, flops, views = getattr(b, stage)(dict(attn="math", compile=0, dtype="float32", optim="foreach", frozen=frozen))
+        step, flops, views = getattr(b, stage)(dict(attn="math", compile=0, dtype="float32", optim="foreach",
+                                                    frozen=frozen))
         with FlopCounterMode(display=False) as c:
             step()
         counted[frozen] = c.get_total_flops()
@@ -111,7 +115,9 @@ def test_flops_equal_torch_flop_counter_on_the_real_step(stage, one_thread):
 def test_standard_and_our_pipeline_cut_the_same_crops(tmp_path):
     # 512 x 384 and 32 px crops: our loader decodes at 1/2 .. 1/8 size (PIL draft), the standard one in full
     root = bench.make_jpegs(str(tmp_path / "jpegs"), 3, size=(512, 384))
-    ds = mae_pretrain.ImageFolder(root, 32, 1, True, seed=5, resize=False)  # as the GPU runs: resize on the device
+    ds = mae_pretrain.ImageFolder(root, 32, functools.partial(mae_pretrain.train_boxes, views=1),
+                                  mae_pretrain.flip_each,
+                                  seed=5, resize=False)  # as the GPU runs: resize on the device
     mean, std = torch.tensor(bench.MEAN).view(3, 1, 1) * 255, torch.tensor(bench.STD).view(3, 1, 1) * 255
     for i, (path, _) in enumerate(ds.samples):
         flat, sizes, _, _ = mae_pretrain.collate([ds[(1, i)]])

@@ -46,7 +46,8 @@ def setup(tmp_path_factory):
 def ct_argv(s, out_dir, *extra, iters=ITERS):
     return ["contrastive_tune.py", "--data_path", s["data"], "--init", s["mae"], "--head", s["head"],
             "--out_dir", str(out_dir), "--batch_size", str(BATCH), "--max_iters", str(iters), "--topk", "5",
-            "--blr", "1e-3", "--head_blr", "2e-3", "--num_workers", "0", "--log_interval", "1", "--device", "cpu", *extra]
+            "--blr", "1e-3", "--head_blr", "2e-3", "--num_workers", "0", "--log_interval", "1", "--device", "cpu",
+            *extra]
 
 
 @pytest.fixture(scope="module")
@@ -119,36 +120,6 @@ def test_head_copies_agree(setup):
         assert torch.equal(ra[0], rb[0]) and torch.equal(ra[1], rb[1])
     p = F.normalize(torch.randn(4, 8, 16), dim=-1)
     assert torch.equal(nh.nnclr_loss(*p, 0.2), ct.nnclr_loss(*p, 0.2))
-
-
-def test_data_copies_agree():
-    """The data code is copied between the stage scripts on purpose (each script stands alone); the
-    copies must not drift apart."""
-    import inspect
-    import mae_pretrain
-    for name in ("scan_image_folder", "random_resized_crop", "collate", "crops_to_batch", "ShardSampler", "get_lr"):
-        assert inspect.getsource(getattr(mae_pretrain, name)) == inspect.getsource(getattr(nh, name)) \
-            == inspect.getsource(getattr(ct, name)), name
-    assert inspect.getsource(nh.ImageFolder) == inspect.getsource(ct.ImageFolder)
-    import knn
-    import probe
-    for name in ("scan_image_folder", "collate", "crops_to_batch"):
-        assert inspect.getsource(getattr(mae_pretrain, name)) == inspect.getsource(getattr(knn, name)) \
-            == inspect.getsource(getattr(probe, name)), name
-    assert inspect.getsource(mae_pretrain.get_lr) == inspect.getsource(probe.get_lr)
-    assert inspect.getsource(knn.extract_features) == inspect.getsource(probe.extract_features)
-    assert inspect.getsource(mae_pretrain.ImageFolder.load) == inspect.getsource(knn.ImageFolder.load) \
-        == inspect.getsource(probe.ImageFolder.load)
-    for name in ("IMG_EXTS", "to_rgb", "check_flags", "lock_out_dir"):  # the same in all five scripts
-        assert len({repr(v) if name == "IMG_EXTS" else inspect.getsource(v)
-                    for v in (getattr(m, name) for m in (mae_pretrain, nh, ct, knn, probe))}) == 1, name
-    # the ways out: checkpoint writing and finding, worker signals and shutdown, the one-line errors
-    scripts = (mae_pretrain, nh, ct, probe, knn)
-    for name in ("UnreadableImage", "ignore_stop_signals", "start_workers", "shut_down", "save_atomic", "find_resume"):
-        copies = {inspect.getsource(getattr(m, name)) for m in scripts if hasattr(m, name)}
-        assert len(copies) == 1 and all(hasattr(m, name) for m in scripts[:4]), name
-    ends = {open(m.__file__).read().split('if __name__ == "__main__":')[1] for m in scripts}
-    assert len(ends) == 1, "the __main__ blocks differ"
 
 
 def test_topk_sampling_stays_within_topk():
@@ -256,7 +227,8 @@ def test_layerwise_learning_rates(setup, ct_ref):
     sched = 0.5 * (1 + math.cos(math.pi * (it - warm) / (ITERS - warm)))
     enc_lr, head_lr = 1e-3 * BATCH * 2 / 256 * sched, 2e-3 * BATCH * 2 / 256 * sched
     names = []
-    shapes = {**{"encoder." + k: v.shape for k, v in ck["encoder"].items()}, **{"head." + k: v.shape for k, v in ck["head"].items()}}
+    shapes = {**{"encoder." + k: v.shape for k, v in ck["encoder"].items()},
+              **{"head." + k: v.shape for k, v in ck["head"].items()}}
     seen_blocks = set()
     for g in ck["optimizer"]["param_groups"]:
         names += g["names"]
@@ -271,9 +243,10 @@ def test_layerwise_learning_rates(setup, ct_ref):
             else:
                 assert n.startswith("encoder.norm."), n
                 want_lr, want_wd = enc_lr, 0.0
-            assert abs(g["lr"] - want_lr) < 1e-12 * max(1.0, want_lr) and g["weight_decay"] == want_wd, (n, g["lr"], want_lr)
-    trained = {"encoder." + k for k in ck["encoder"] if not is_frozen(k)} | {"head." + k for k in ck["head"]
-                                                                                if "running" not in k and "num_batches" not in k}
+            assert (abs(g["lr"] - want_lr) < 1e-12 * max(1.0, want_lr)
+                    and g["weight_decay"] == want_wd), (n, g["lr"], want_lr)
+    trained = ({"encoder." + k for k in ck["encoder"] if not is_frozen(k)}
+               | {"head." + k for k in ck["head"] if "running" not in k and "num_batches" not in k})
     assert sorted(names) == sorted(trained) and seen_blocks == {3, 4, 5}
     assert abs(0.65 ** (DEPTH - 5) - 0.65) < 1e-15  # the top block gets 0.65
 
@@ -292,9 +265,11 @@ def test_resume_after_sigterm_is_bit_identical(setup, ct_ref, tmp_path):
     out = tmp_path / "int"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     with open(tmp_path / "int.out", "w") as f:
-        p = subprocess.Popen([sys.executable, *ct_argv(setup, out)], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+        p = subprocess.Popen([sys.executable, *ct_argv(setup, out)], cwd=ROOT, env=env, stdout=f,
+                             stderr=subprocess.STDOUT)
         t0 = time.time()
-        while p.poll() is None and time.time() - t0 < 180 and not (os.path.exists(out / "log.txt") and os.path.getsize(out / "log.txt")):
+        while (p.poll() is None and time.time() - t0 < 180
+               and not (os.path.exists(out / "log.txt") and os.path.getsize(out / "log.txt"))):
             time.sleep(0.005)
         p.send_signal(signal.SIGTERM)
         p.wait(timeout=180)
@@ -306,7 +281,8 @@ def test_resume_after_sigterm_is_bit_identical(setup, ct_ref, tmp_path):
     r = run_script(*ct_argv(setup, out, "--resume", "auto"))
     assert f"at iteration {stopped['iter_num']}" in r.stdout
     a, b = load(ct_ref / "ct.pt"), load(out / "ct.pt")
-    for k in ("encoder", "encoder_ema", "head", "target_projector", "queue", "optimizer", "scaler", "iter_num", "monitor"):
+    for k in ("encoder", "encoder_ema", "head", "target_projector", "queue", "optimizer", "scaler", "iter_num",
+              "monitor"):
         assert_same(a[k], b[k], k)
     assert log_entries(ct_ref / "log.txt") == log_entries(out / "log.txt")
 
@@ -333,16 +309,18 @@ def fails_with(capsys, argv):
 
 
 def test_errors(setup, tmp_path, capsys, keep_signals):
-    base = ["--data_path", setup["data"], "--out_dir", str(tmp_path / "o"), "--num_workers", "0", "--device", "cpu", "--batch_size", "8",
-            "--max_iters", "2", "--topk", "5"]
+    base = ["--data_path", setup["data"], "--out_dir", str(tmp_path / "o"), "--num_workers", "0", "--device", "cpu",
+            "--batch_size", "8", "--max_iters", "2", "--topk", "5"]
     good = ["--init", setup["mae"], "--head", setup["head"]]
     msg = fails_with(capsys, base + ["--init", setup["mae"], "--head", setup["mae"]])
     assert f"--head {setup['mae']} is a mae checkpoint" in msg and "nnclr_head.py" in msg
     msg = fails_with(capsys, base + ["--init", setup["head"], "--head", setup["head"]])
     assert "nnclr_head checkpoint" in msg and "encoder" in msg
     assert "both required" in fails_with(capsys, base + ["--init", setup["mae"]])
-    assert "--freeze_blocks 7: the encoder has only 6 blocks" in fails_with(capsys, base + good + ["--freeze_blocks", "7"])
-    assert "not divisible by processes (1) x --grad_accum (3)" in fails_with(capsys, base + good + ["--grad_accum", "3"])
+    assert ("--freeze_blocks 7: the encoder has only 6 blocks"
+            in fails_with(capsys, base + good + ["--freeze_blocks", "7"]))
+    assert ("not divisible by processes (1) x --grad_accum (3)"
+            in fails_with(capsys, base + good + ["--grad_accum", "3"]))
     assert "--topk 65 is larger than the queue (64" in fails_with(capsys, base + good + ["--topk", "65"])
     assert "expected a ct checkpoint, found mae" in fails_with(capsys, base + good + ["--resume", setup["mae"]])
     other = make_mae_ckpt(tmp_path / "deeper.pt", depth=4)

@@ -65,11 +65,7 @@ def folder_of_modes(root):
 
 def make_loader(m, root, skip_bad=False):
     """Each script's ImageFolder, uncropped: load(i, whole image) returns image i as it enters the crops."""
-    ds = {mae: lambda: m.ImageFolder(root, S, 1, False, skip_bad=skip_bad),
-          nh: lambda: m.ImageFolder(root, S, 1, True, skip_bad=skip_bad),
-          ct: lambda: m.ImageFolder(root, S, 1, True, skip_bad=skip_bad),
-          probe: lambda: m.ImageFolder(root, S, False, 1.0, skip_bad=skip_bad),
-          knn: lambda: m.ImageFolder(root, S, 1.0, skip_bad)}[m]()
+    ds = m.ImageFolder(root, S, lambda rng, w, h: [(0, 0, w, h)], skip_bad=skip_bad)
     return ds, lambda i: ds.load(i, lambda w, h: [(0, 0, w, h)])
 
 
@@ -127,7 +123,8 @@ def test_knn_refuses_or_skips_unconvertible_images(tmp_path):
     assert p.returncode == 2 and len(errors) == 1 and errors[0].startswith(f"error: unreadable image {first}: ") \
         and "Traceback" not in p.stderr, p.stderr[-2000:]
     p = run_script(*argv, "--skip_bad_images", "1", timeout=120)
-    warnings = [line for line in p.stderr.splitlines() if "warning: skipping unreadable image" in line]  # tqdm: same line
+    warnings = [line for line in p.stderr.splitlines()
+                if "warning: skipping unreadable image" in line]  # tqdm: same line
     named = {name for line in warnings for name, why in bad.items() if f"/{name} (" in line and why in line}
     assert named == set(bad) and len(warnings) == 4 + 3 + 2 + 1, p.stderr[-3000:]  # each bad index skips the rest
 
@@ -157,24 +154,27 @@ BAD_FLAGS = {
     "nnclr_head.py": [("epochs", "0", ">= 1"), ("max_iters", "-5", ">= 0"), ("batch_size", "0", ">= 1"),
                       ("grad_accum", "0", ">= 1"), ("log_interval", "0", ">= 1"), ("ckpt_interval", "0", ">= 1"),
                       ("queue_size", "0", ">= 1"), ("proj_dim", "0", ">= 1"), ("temperature", "0.0", "> 0"),
-                      ("num_workers", "-1", ">= 0"), ("keep_last", "-1", ">= 0"), ("warmup_epochs", "-2.0", "-1 or >= 0"),
-                      ("aug", "2", "0 or 1")],
+                      ("num_workers", "-1", ">= 0"), ("keep_last", "-1", ">= 0"),
+                      ("warmup_epochs", "-2.0", "-1 or >= 0"), ("aug", "2", "0 or 1")],
     "contrastive_tune.py": [("epochs", "-1", ">= 1"), ("topk", "0", ">= 1"), ("temperature", "-0.1", "> 0"),
                             ("target_ema", "1.0", "in [0, 1)"), ("encoder_ema", "-0.5", "in [0, 1)"),
                             ("layer_decay", "0.0", "in (0, 1]"), ("freeze_blocks", "-2", "-1 or >= 0"),
                             ("head_blr", "-1.0", ">= 0"), ("batch_size", "0", ">= 1"), ("log_interval", "0", ">= 1"),
-                            ("max_iters", "-5", ">= 0"), ("keep_last", "-1", ">= 0"), ("skip_bad_images", "-1", "0 or 1")],
+                            ("max_iters", "-5", ">= 0"), ("keep_last", "-1", ">= 0"),
+                            ("skip_bad_images", "-1", "0 or 1")],
     "probe.py": [("epochs", "0", ">= 1"), ("batch_size", "0", ">= 1"), ("blrs", "0.1 -0.1", "> 0"),
                  ("eval_every", "0", ">= 1"), ("lambd", "0.0", "> 0"), ("crop_pct", "1.5", "in (0, 1]"),
                  ("per_class", "-1", ">= 0"), ("ckpt_interval", "0", ">= 1"), ("num_workers", "-1", ">= 0"),
                  ("warmup_epochs", "-3.0", "-1 or >= 0"), ("cached", "2", "0 or 1")],
-    "knn.py": [("k", "0 10", ">= 1"), ("batch_size", "0", ">= 1"), ("chunk", "0", ">= 1"), ("temperature", "0.0", "> 0"),
-               ("crop_pct", "0.0", "in (0, 1]"), ("num_workers", "-1", ">= 0"), ("img_size", "-1", ">= 0"),
-               ("standardize", "2", "0 or 1")],
+    "knn.py": [("k", "0 10", ">= 1"), ("batch_size", "0", ">= 1"), ("chunk", "0", ">= 1"),
+               ("temperature", "0.0", "> 0"), ("crop_pct", "0.0", "in (0, 1]"), ("num_workers", "-1", ">= 0"),
+               ("img_size", "-1", ">= 0"), ("standardize", "2", "0 or 1")],
 }
-ONE_BY_ONE = [("mae_pretrain.py", "mask_ratio", "0.0", "in (0, 1)"), ("mae_pretrain.py", "mask_ratio", "1.0", "in (0, 1)"),
-              ("contrastive_tune.py", "encoder_ema", "1.0", "in [0, 1)"),
-              ("knn.py", "temperature", "-1.0", "> 0")] + [(s, *case) for s, cases in BAD_FLAGS.items() for case in cases]
+ONE_BY_ONE = ([("mae_pretrain.py", "mask_ratio", "0.0", "in (0, 1)"),
+               ("mae_pretrain.py", "mask_ratio", "1.0", "in (0, 1)"),
+               ("contrastive_tune.py", "encoder_ema", "1.0", "in [0, 1)"),
+               ("knn.py", "temperature", "-1.0", "> 0")]
+              + [(s, *case) for s, cases in BAD_FLAGS.items() for case in cases])
 
 
 def base_argv(script, tmp_path):
@@ -207,7 +207,8 @@ def read_only_dir(path):
     os.chmod(path, 0o555)
     if not os.access(path, os.W_OK):
         return path
-    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0 and not os.access(path, os.W_OK):
+    if (subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0
+            and not os.access(path, os.W_OK)):
         return path
     return None
 
@@ -239,7 +240,8 @@ def test_knn_checks_out_dir_before_extracting(tmp_path):
     torch.save(dict(stage="mae", model_args=args, encoder=vit.ViT(**args).state_dict()), tmp_path / "mae.pt")
     (tmp_path / "file").write_text("")
     p = run_script("knn.py", "--data_path", str(tmp_path / "data"), "--init", str(tmp_path / "mae.pt"), "--k", "1",
-                   "--out_dir", str(tmp_path / "file"), "--num_workers", "0", "--device", "cpu", check=False, timeout=120)
+                   "--out_dir", str(tmp_path / "file"), "--num_workers", "0", "--device", "cpu",
+                   check=False, timeout=120)
     assert p.returncode == 2 and p.stderr == f"error: cannot write to --out_dir {tmp_path / 'file'}: it is a file\n"
     assert "k-NN:" not in p.stdout
 

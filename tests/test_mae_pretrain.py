@@ -1,6 +1,7 @@
 """Stage 1: MAE pieces against references written here, and the script run end to end
 (single process, 2-process torchrun on gloo, SIGTERM + resume, bad inputs)."""
 import errno
+import functools
 import json
 import math
 import os
@@ -20,6 +21,11 @@ from conftest import ROOT, make_image_folder, run_script, run_torchrun
 
 TINY = ["--model", "vit_micro", "--img_size", "32", "--patch_size", "4", "--dec_dim", "32", "--dec_depth", "1",
         "--dec_heads", "2", "--num_workers", "0", "--warmup_epochs", "1", "--log_interval", "1"]
+
+
+def train_set(root, seed=0, resize=True, views=2):  # the stage's training crops, as main builds them
+    return mae_pretrain.ImageFolder(root, 32, functools.partial(mae_pretrain.train_boxes, views=views),
+                                    mae_pretrain.flip_each, seed=seed, resize=resize)
 
 
 def tiny_mae(seed=0):
@@ -97,7 +103,7 @@ def test_image_folder_crops_are_deterministic(tmp_path):
     root = make_image_folder(tmp_path / "d", classes=2, per_class=4, size=48)
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (375, 500, 3), np.uint8)).save(
         os.path.join(root, "train", "class_0", "big.jpg"))  # large enough for reduced-size decoding
-    ds = mae_pretrain.ImageFolder(os.path.join(root, "train"), 32, 2, True, seed=1, resize=False)
+    ds = train_set(os.path.join(root, "train"), seed=1, resize=False)
     assert ds.classes == ["class_0", "class_1"] and len(ds) == 9
     for i in range(len(ds)):
         crops, label, idx = ds[(3, i)]
@@ -112,11 +118,11 @@ def test_image_folder_crops_are_deterministic(tmp_path):
             assert 0 < c.shape[0] <= 375 and 0 < c.shape[1] <= 500
             sides.append(min(c.shape[:2]))
     assert min(sides) < 64 <= max(sides)  # scale 0.2-1: small crops at full size, large ones drafted
-    val = mae_pretrain.ImageFolder(os.path.join(root, "val"), 32, 1, False, resize=False)
+    val = mae_pretrain.ImageFolder(os.path.join(root, "val"), 32, mae_pretrain.val_box, resize=False)
     (c,), _, _ = val[(0, 0)]
     assert c.shape == (48, 48, 3)  # the centre square, resized on the device
     # resize=True (CPU training): the workers resize, to S x S
-    ds = mae_pretrain.ImageFolder(os.path.join(root, "train"), 32, 2, True, seed=1)
+    ds = train_set(os.path.join(root, "train"), seed=1)
     assert all(c.shape == (32, 32, 3) for e in range(20) for c in ds[(e, big)][0])
 
 
@@ -124,8 +130,8 @@ def test_device_resize_matches_worker_resize(tmp_path):
     # the GPU path (crops at their own size, resized by crops_to_batch) gives the images that the CPU
     # path (PIL resizes in the worker) gives: same crops, same flips, the same resample up to rounding
     root = make_image_folder(tmp_path / "d", classes=2, per_class=3, size=40)
-    a = mae_pretrain.ImageFolder(os.path.join(root, "train"), 32, 2, True, seed=3)
-    b = mae_pretrain.ImageFolder(os.path.join(root, "train"), 32, 2, True, seed=3, resize=False)
+    a = train_set(os.path.join(root, "train"), seed=3)
+    b = train_set(os.path.join(root, "train"), seed=3, resize=False)
     items = [(e, i) for e in range(4) for i in range(len(a))]
     xa = mae_pretrain.crops_to_batch(*mae_pretrain.collate([a[it] for it in items])[:2], 32, "cpu")
     xb = mae_pretrain.crops_to_batch(*mae_pretrain.collate([b[it] for it in items])[:2], 32, "cpu")
@@ -140,7 +146,8 @@ def test_collate_and_device_resize_match_pil(tmp_path):
     # crops of several sizes (down- and upsampling) packed by collate, resized by crops_to_batch:
     # close to PIL's bicubic resize of the same crop, in the same order
     rng = np.random.default_rng(0)
-    smooth = lambda h, w: np.array(Image.fromarray(rng.integers(0, 256, (6, 6, 3), np.uint8)).resize((w, h), Image.BILINEAR))
+    smooth = lambda h, w: np.array(Image.fromarray(rng.integers(0, 256, (6, 6, 3), np.uint8))
+                                   .resize((w, h), Image.BILINEAR))
     crops = [smooth(h, w) for h, w in ((70, 50), (32, 32), (20, 27), (100, 90))]
     batch = [([torch.from_numpy(crops[0]), torch.from_numpy(crops[1])], 4, 7),
              ([torch.from_numpy(crops[2]), torch.from_numpy(crops[3])], 5, 9)]
@@ -176,7 +183,8 @@ def test_lr_schedule():
     """The authors' warmup: step s < W runs at lr (s + 1) / (W + 1), never at 0; from s = W the cosine
     starts at lr and ends at min_lr (every script's get_lr is this copy: test_data_copies_agree)."""
     W, T, lr, min_lr = 10, 110, 2.0, 0.1
-    ref = [lr * (s + 1) / (W + 1) if s < W else min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * (s - W) / (T - W)))
+    ref = [lr * (s + 1) / (W + 1) if s < W
+           else min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * (s - W) / (T - W)))
            for s in range(T + 1)]
     lrs = [mae_pretrain.get_lr(s, lr, min_lr, W, T) for s in range(T + 1)]
     assert lrs == pytest.approx(ref, rel=1e-12)

@@ -38,9 +38,9 @@ def setup(tmp_path_factory):
 
 
 def head_argv(s, out_dir, *extra, iters=6):
-    return ["nnclr_head.py", "--data_path", s["data"], "--init", s["mae"], "--out_dir", str(out_dir), "--batch_size", "8",
-            "--max_iters", str(iters), "--queue_size", "64", "--num_workers", "0", "--log_interval", "1", "--device", "cpu",
-            *TINY_HEAD, *extra]
+    return ["nnclr_head.py", "--data_path", s["data"], "--init", s["mae"], "--out_dir", str(out_dir),
+            "--batch_size", "8", "--max_iters", str(iters), "--queue_size", "64", "--num_workers", "0",
+            "--log_interval", "1", "--device", "cpu", *TINY_HEAD, *extra]
 
 
 def sampler_order(n, batch, iters, seed=0):
@@ -194,7 +194,8 @@ def test_head_init_is_torchs_default_and_nn_acc_is_view_0(script):
     ref = [torch.nn.Linear(i, o, bias=False) for i, o in ((40, 64), (64, 64), (64, 16), (16, 32), (32, 16))]
     linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
     assert len(linears) == 5 and all(torch.equal(a.weight, b.weight) for a, b in zip(linears, ref))
-    assert all((m.weight == 1).all() and (m.bias == 0).all() for m in head.modules() if isinstance(m, torch.nn.BatchNorm1d))
+    assert all((m.weight == 1).all() and (m.bias == 0).all()
+               for m in head.modules() if isinstance(m, torch.nn.BatchNorm1d))
     # queue: the 4 unit vectors, labels 0-3; view 0's neighbours are right for 3 of 4 samples, view 1's for 1
     q = mod.Queue(4, 4)
     q.vectors, q.indices, q.labels = torch.eye(4), torch.arange(100, 104), torch.arange(4)
@@ -215,7 +216,8 @@ def _step_problem(g):
         lin.weight.copy_(torch.randn(P, IN, generator=g, dtype=torch.float64))
     q = nh.Queue(16, P, seed=3)
     q.vectors = q.vectors.double()
-    q.push(F.normalize(torch.randn(8, P, generator=g, dtype=torch.float64), dim=1), torch.arange(8) * 2, torch.arange(8) % 3)
+    q.push(F.normalize(torch.randn(8, P, generator=g, dtype=torch.float64), dim=1), torch.arange(8) * 2,
+           torch.arange(8) % 3)
     return x, z, lin, q, torch.arange(B), torch.arange(B) % 3
 
 
@@ -270,8 +272,8 @@ def test_global_batch_step_on_two_processes(tmp_path):
 
 def test_aug_views_deterministic_and_asymmetric(tmp_path):
     root = make_image_folder(tmp_path / "d", classes=3, per_class=4, val_per_class=1)
-    plain = nh.ImageFolder(os.path.join(root, "train"), 32, 2, True, seed=0)
-    aug = nh.ImageFolder(os.path.join(root, "train"), 32, 2, True, seed=0, aug=True)
+    plain = nh.views_dataset(os.path.join(root, "train"), 32, seed=0)
+    aug = nh.views_dataset(os.path.join(root, "train"), 32, seed=0, aug=True)
     crops, label, i = aug[(0, 5)]
     x = as_views(crops)
     assert x.shape == (2, 3, 32, 32) and x.dtype == torch.uint8 and (label, i) == (1, 5)
@@ -280,7 +282,7 @@ def test_aug_views_deterministic_and_asymmetric(tmp_path):
     # same crops as without --aug (the crop and flip draws come first), then colour operations
     assert not torch.equal(x, as_views(plain[(0, 5)][0]))
     # --aug resizes in the worker even where the GPU would (colour operations need the final pixels)
-    assert nh.ImageFolder(os.path.join(root, "train"), 32, 2, True, aug=True, resize=False)[(0, 5)][0][0].shape == (32, 32, 3)
+    assert nh.views_dataset(os.path.join(root, "train"), 32, aug=True, resize=False)[(0, 5)][0][0].shape == (32, 32, 3)
     gray = np.zeros(2)
     n = 300
     for e in range(n):
@@ -306,7 +308,7 @@ def test_run_queue_holds_view0_in_sampler_order(setup, tmp_path):
     order = sampler_order(24, 8, iters)
     assert q["ptr"] == (iters * 8) % 64 and q["indices"][: iters * 8].tolist() == order
     assert (q["indices"][iters * 8:] == -1).all()
-    ds = nh.ImageFolder(os.path.join(setup["data"], "train"), 32, 2, True, seed=0)
+    ds = nh.views_dataset(os.path.join(setup["data"], "train"), 32, seed=0)
     assert q["labels"][: iters * 8].tolist() == [ds.samples[i][1] for i in order]
     # recompute the last step's projections with the (unchanged) head, batch statistics per view
     enc = vit.load_encoder(setup["mae"])

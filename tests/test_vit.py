@@ -291,7 +291,7 @@ def test_scripts_take_heads_for_foreign_widths(tmp_path, script, capsys, monkeyp
         extra = ["--k", "2"] if script == "knn.py" else ["--cached", "1", "--batch_size", "2", "--epochs", "1"]
         assert "top-1" in run_script(*argv, "--crop_pct", "1", "--heads", "3", *extra).stdout
     else:  # the training stages' encoder builder, with the head count
-        enc = mod.build_encoder(path, 0, 3)[0]
+        enc = vit.load_encoder(path, heads=3)
         imgs = torch.randn(1, 3, 32, 32)
         assert enc.args == m.args and torch.equal(enc.eval()(imgs), m.eval()(imgs))
 
