@@ -290,7 +290,8 @@ def main(argv=None):
         if not root_classes:
             die(f"{train_dir} has no class directories")
         if short:
-            asked = f"{args.per_class} per class" if args.per_class is not None else f"{float(args.percent):g}% (at least 1)"
+            asked = (f"{args.per_class} per class" if args.per_class is not None
+                     else f"{float(args.percent):g}% (at least 1)")
             listing = first_few([f"{w} ({n})" for w, n in sorted(short.items())])
             if args.short_classes == "error":
                 die(f"{len(short)} class(es) have fewer images than asked ({asked}): {listing}; "

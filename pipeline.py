@@ -6,7 +6,7 @@ subprocess (under torchrun with --nproc > 1), and checkpoints pass between them 
 stage's own output stays usable on its own.
 
     python pipeline.py                                   # a small generated image folder, tiny ViT, a few CPU minutes
-    python pipeline.py --data_path ../shared/data/cifar10 --out_dir out/cifar10 ...   # see README for the CIFAR-10 recipe
+    python pipeline.py --data_path ../shared/data/cifar10 --out_dir out/cifar10 ...  # README: the CIFAR-10 recipe
     python pipeline.py --data_path IMAGENET --model vit_b16 --nproc 8 ...             # one node of 8 GPUs
 
 A stage whose final file exists is skipped, and training stages run with --resume auto, so running the
@@ -25,7 +25,8 @@ import numpy as np
 from PIL import Image
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--data_path", default="", help="image folder (train/, val/); empty: generate a small one in out_dir/data")
+parser.add_argument("--data_path", default="",
+                    help="image folder (train/, val/); empty: generate a small one in out_dir/data")
 parser.add_argument("--out_dir", default="out/pipeline")
 parser.add_argument("--nproc", type=int, default=1, help="processes per stage; > 1 runs each stage under torchrun")
 parser.add_argument("--model", default="vit_micro")
@@ -44,10 +45,13 @@ parser.add_argument("--mae_epochs", type=int, default=40)
 parser.add_argument("--head_epochs", type=int, default=20)
 parser.add_argument("--ct_epochs", type=int, default=20)
 parser.add_argument("--probe_epochs", type=int, default=30, help="linear probe on cached features")
-parser.add_argument("--lowshot", type=int, default=5, help="labelled images per class for the logistic regression (0: skip)")
-parser.add_argument("--lowshot_splits", type=int, default=3, help="low-shot: the mean over this many random class-balanced "
+parser.add_argument("--lowshot", type=int, default=5,
+                    help="labelled images per class for the logistic regression (0: skip)")
+parser.add_argument("--lowshot_splits", type=int, default=3,
+                    help="low-shot: the mean over this many random class-balanced "
                     "subsets (seeds seed, seed+1, ...), as the papers average over 3 splits")
-parser.add_argument("--crop_pct", type=float, default=1.0, help="evaluation centre crop (1.0 for CIFAR-sized data, 0.875 for ImageNet)")
+parser.add_argument("--crop_pct", type=float, default=1.0,
+                    help="evaluation centre crop (1.0 for CIFAR-sized data, 0.875 for ImageNet)")
 parser.add_argument("--num_workers", type=int, default=2)
 parser.add_argument("--device", default="auto")
 parser.add_argument("--seed", type=int, default=0)
@@ -75,7 +79,8 @@ def make_image_folder(root, classes=4, per_class=128, val_per_class=64, size=32,
             for i in range(n):
                 p = rng.uniform(3.5, 9) * size / 32  # texture period (px)
                 u, v = 2 * np.pi * (yy / p + rng.uniform()), 2 * np.pi * (xx / p + rng.uniform())
-                texture = [np.sin(u), np.sin(v), np.sign(np.sin(u) * np.sin(v)), 2.0 * (np.cos(u) + np.cos(v) > 1) - 1][c]
+                texture = [np.sin(u), np.sin(v), np.sign(np.sin(u) * np.sin(v)),
+                           2.0 * (np.cos(u) + np.cos(v) > 1) - 1][c]
                 img = 128 + 60 * texture
                 for _ in range(rng.integers(6, 16)):  # clutter: flat rectangles of random size, place and grey
                     h, w = (rng.integers(3, 13, 2) * size) // 32
@@ -93,7 +98,8 @@ def fail(msg):  # one clear line, as the stage scripts do
 def run(label, done, script, *flags):
     """Run one stage unless done() finds its output; its wall time goes into `times`. A stage that fails stops the
     pipeline, and so does one a signal stopped (it checkpoints and exits 0 without its output). SIGTERM / SIGUSR1
-    sent to pipeline.py while a stage runs are passed on to the stage, so a signal to pipeline.py alone checkpoints too."""
+    sent to pipeline.py while a stage runs are passed on to the stage, so a signal to pipeline.py alone
+    checkpoints too."""
     if done():
         return
     launcher = [sys.executable] if args.nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -166,7 +172,8 @@ results = {}
 for enc, ckpt in (("MAE", mae_pt), ("MAE-CT", ct_pt)):
     ev = os.path.join(out, f"eval_{enc.lower().replace('-', '')}")
     knn_log, probe_log = (os.path.join(ev, d, "log.txt") for d in ("knn", "probe"))
-    logreg_logs = [os.path.join(ev, f"logreg_s{s}", "log.txt") for s in range(args.seed, args.seed + args.lowshot_splits)]
+    logreg_logs = [os.path.join(ev, f"logreg_s{s}", "log.txt")
+                   for s in range(args.seed, args.seed + args.lowshot_splits)]
     run(f"k-NN {enc}", lambda: last_entry(knn_log, "knn_top1"), "knn.py", *common, "--init", ckpt, "--pool", args.pool,
         "--crop_pct", args.crop_pct, "--out_dir", os.path.dirname(knn_log), *extra["knn"])
     run(f"linear probe {enc}", lambda: last_entry(probe_log, "best_top1"), "probe.py", *common, *seed, "--init", ckpt,
@@ -189,13 +196,15 @@ def fmt(v):
 
 
 cols = [("knn10", "k-NN k=10"), ("knn20", "k-NN k=20"), ("probe", "linear probe"),
-        ("lowshot", f"low-shot {args.lowshot}/class" + (f" (mean of {args.lowshot_splits} splits)" if args.lowshot_splits > 1 else ""))]
+        ("lowshot", f"low-shot {args.lowshot}/class"
+                    + (f" (mean of {args.lowshot_splits} splits)" if args.lowshot_splits > 1 else ""))]
 lines = ["| encoder | " + " | ".join(c for _, c in cols) + " |", "|---|" + "---|" * len(cols)]
 for enc in ("MAE", "MAE-CT"):
     lines.append(f"| {enc} | " + " | ".join(fmt(results[enc][k]) for k, _ in cols) + " |")
 lines.append("| Δ | " + " | ".join(
     "–" if results["MAE"][k] is None else f"{results['MAE-CT'][k] - results['MAE'][k]:+.1f}" for k, _ in cols) + " |")
-lines += ["", f"top-1 (%) on {data}/val; pooling {args.pool}; command: python {' '.join(shlex.quote(a) for a in sys.argv)}"]
+lines += ["", f"top-1 (%) on {data}/val; pooling {args.pool}; "
+              f"command: python {' '.join(shlex.quote(a) for a in sys.argv)}"]
 if times:
     lines += ["", "| stage (this invocation) | wall time |", "|---|---|"]
     lines += [f"| {k} | {v / 60:.1f} min |" for k, v in times.items()]

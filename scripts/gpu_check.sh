@@ -102,7 +102,11 @@ step() {
     rc=$?
     wall=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
     status=ok
-    if (( rc == 124 || rc == 137 )); then status="TIMEOUT (${limit}s)"; elif (( rc != 0 )); then status="FAIL (exit $rc)"; fi
+    if (( rc == 124 || rc == 137 )); then
+        status="TIMEOUT (${limit}s)"
+    elif (( rc != 0 )); then
+        status="FAIL (exit $rc)"
+    fi
     record "$key" "$status" "$wall"
     say "--- $key: $status, ${wall}s"
     return $rc
@@ -240,7 +244,8 @@ def stage_numbers(name, out_dir):
         if not speed:
             return ""
         last = speed[-1]  # the first log interval includes compiling and the loader's start
-        nums = f"{last['img_per_s']:.0f} img/s (iters {speed[-2]['iter'] if len(speed) > 1 else 0}-{last['iter']}), loss {last['loss']:.4f}"
+        nums = (f"{last['img_per_s']:.0f} img/s "
+                f"(iters {speed[-2]['iter'] if len(speed) > 1 else 0}-{last['iter']}), loss {last['loss']:.4f}")
         return nums + (f", nn_acc {last['nn_acc']:.2f}" if "nn_acc" in last else "")
     if name == "knn":
         top = [e["knn_top1"] for e in log if "knn_top1" in e]
@@ -252,7 +257,8 @@ def stage_numbers(name, out_dir):
 
 
 def table(work, out, start):
-    labels = {"nvidia-smi": "a. nvidia-smi", "env": "a. environment", "tests": "b. CUDA tests", "data": "d. generate images"}
+    labels = {"nvidia-smi": "a. nvidia-smi", "env": "a. environment", "tests": "b. CUDA tests",
+              "data": "d. generate images"}
     steps = [line.rstrip("\n").split("\t") for line in open(os.path.join(work, "status.tsv"))]
     lines = ["| part | status | wall s | key numbers |", "|---|---|---|---|"]
     for key, status, wall in steps:
@@ -268,7 +274,8 @@ def table(work, out, start):
             nums = test_counts(os.path.join(work, "pytest.txt"))
         elif key.startswith(("b16:", "l16:")):
             model, run = key.split(":")
-            label = f"c. bench {'B/16' if model == 'b16' else 'L/16'} {run if run in ('eager', 'data') else run + ' compiled'}"
+            label = (f"c. bench {'B/16' if model == 'b16' else 'L/16'} "
+                     f"{run if run in ('eager', 'data') else run + ' compiled'}")
             labels[key] = label if model == "b16" else "e." + label[2:]
             sub = bench_lines(os.path.join(work, f"{model}_{run}.json"))
             if len(sub) == 1:  # one compiled stage per run: its numbers on the run's own line
@@ -315,15 +322,15 @@ cat "$WORK/pytest.txt" >> "$LOG"
 PART_END=$(( $(date +%s) + BUDGET_B16 ))
 BENCH_COMMON=(--attn sdpa --wins 0 --json 1)
 for s in mae ct; do
-    STDOUT_TO=$WORK/b16_$s.json step "b16:$s" "$BUDGET_B16" python bench.py "${BENCH_B16[@]}" --stages "$s" --compile 1 \
-        --profile 15 "${BENCH_COMMON[@]}"
+    STDOUT_TO=$WORK/b16_$s.json step "b16:$s" "$BUDGET_B16" python bench.py "${BENCH_B16[@]}" --stages "$s" \
+        --compile 1 --profile 15 "${BENCH_COMMON[@]}"
 done
 STDOUT_TO=$WORK/b16_eager.json step b16:eager 90 python bench.py "${BENCH_B16[@]}" --stages mae,head,ct,extract \
     --compile 0 "${BENCH_COMMON[@]}"
 STDOUT_TO=$WORK/b16_data.json step b16:data 60 python bench.py "${BENCH_B16[@]}" --stages data "${BENCH_COMMON[@]}"
 for s in head extract; do
-    STDOUT_TO=$WORK/b16_$s.json step "b16:$s" "$BUDGET_B16" python bench.py "${BENCH_B16[@]}" --stages "$s" --compile 1 \
-        "${BENCH_COMMON[@]}"
+    STDOUT_TO=$WORK/b16_$s.json step "b16:$s" "$BUDGET_B16" python bench.py "${BENCH_B16[@]}" --stages "$s" \
+        --compile 1 "${BENCH_COMMON[@]}"
 done
 python "$H" merge "$OUT/bench_b16.json" "$WORK"/b16_{mae,ct,eager,data,head,extract}.json
 
@@ -361,8 +368,8 @@ fi
 PART_END=$END
 if (( $(time_left) >= 50 )); then
     for s in mae ct; do
-        STDOUT_TO=$WORK/b16_${s}512.json step "b16:${s}512" "$(time_left)" python bench.py "${BENCH_B16[@]}" --stages "$s" \
-            --compile 1 --batch_size "$BIG_BATCH" "${BENCH_COMMON[@]}"
+        STDOUT_TO=$WORK/b16_${s}512.json step "b16:${s}512" "$(time_left)" python bench.py "${BENCH_B16[@]}" \
+            --stages "$s" --compile 1 --batch_size "$BIG_BATCH" "${BENCH_COMMON[@]}"
     done
     python "$H" merge "$OUT/bench_b16.json" "$WORK"/b16_{mae,ct,eager,data,head,extract,mae512,ct512}.json
 fi
@@ -379,6 +386,10 @@ fi
 # the table (the raw step list when the table itself fails)
 say "done in $(( $(date +%s) - START ))s"
 if ! python "$H" table "$WORK" "$OUT" "$START" >> "$LOG" 2>&1; then
-    { echo "| step | status | wall s |"; echo "|---|---|---|"; sed 's/\t/ | /g; s/^/| /; s/$/ |/' "$WORK/status.tsv"; } > "$OUT/table.md"
+    {
+        echo "| step | status | wall s |"
+        echo "|---|---|---|"
+        sed 's/\t/ | /g; s/^/| /; s/$/ |/' "$WORK/status.tsv"
+    } > "$OUT/table.md"
 fi
 cat "$OUT/table.md"

@@ -46,7 +46,8 @@ def run_script(*argv, env=None, check=True, timeout=600):
     e.update(env or {})
     p = subprocess.run([sys.executable, *argv], cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
-        raise AssertionError(f"{argv[0]} exited {p.returncode}\nstdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}")
+        raise AssertionError(f"{argv[0]} exited {p.returncode}\nstdout:\n{p.stdout[-3000:]}\n"
+                             f"stderr:\n{p.stderr[-3000:]}")
     return p
 
 

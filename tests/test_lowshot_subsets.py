@@ -229,7 +229,8 @@ def test_list_of_names_repeated_across_classes_is_read_by_probe(tmp_path):
     ambiguous), a name found in one class alone stays bare; probe.py --train_list selects exactly these files."""
     import probe
     root = tmp_path / "cifar"
-    for cls, names in {"cat": ["0001.jpg", "0002.jpg", "0003.jpg"], "dog": ["0001.jpg", "0002.jpg", "0004.jpg"]}.items():
+    for cls, names in {"cat": ["0001.jpg", "0002.jpg", "0003.jpg"],
+                       "dog": ["0001.jpg", "0002.jpg", "0004.jpg"]}.items():
         (root / "train" / cls).mkdir(parents=True)
         for n in names:
             (root / "train" / cls / n).write_bytes(f"{cls} {n}".encode())
@@ -242,13 +243,15 @@ def test_list_of_names_repeated_across_classes_is_read_by_probe(tmp_path):
     samples, classes = probe.scan_image_folder(str(root / "train"))
     chosen = probe.select_train(samples, classes, str(out), 0, 0)
     assert sorted(os.path.relpath(samples[i][0], root / "train") for i in chosen) == sorted(
-        f"{c}/{n}" for c, names in (("cat", ["0001.jpg", "0002.jpg", "0003.jpg"]), ("dog", ["0001.jpg", "0002.jpg", "0004.jpg"]))
+        f"{c}/{n}" for c, names in (("cat", ["0001.jpg", "0002.jpg", "0003.jpg"]),
+                                    ("dog", ["0001.jpg", "0002.jpg", "0004.jpg"]))
         for n in names)
 
 
 @pytest.mark.parametrize("inside", [".", "val/sub", "other/x.txt"])
 def test_out_inside_the_root_is_refused(root, inside):
-    r = run_cli("--root", root, "--out", root / inside, "--per_class", 1, "--mode", "list" if inside.endswith(".txt") else "link")
+    r = run_cli("--root", root, "--out", root / inside, "--per_class", 1,
+                "--mode", "list" if inside.endswith(".txt") else "link")
     assert_one_line_error(r, "must not be the root", "inside it")
     assert sorted(os.listdir(root)) == ["train", "val"] and os.listdir(root / "val") == ["n00000001"]
 

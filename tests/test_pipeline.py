@@ -33,7 +33,8 @@ def test_pipeline_runs_every_stage_and_writes_the_table(tmp_path):
     assert "low-shot 2/class (mean of 2 splits)" in table
     # the low-shot column is the mean of the two splits, each with its own labelled subset
     for enc, col in (("mae", "MAE"), ("maect", "MAE-CT")):
-        splits = [json.loads((out / f"eval_{enc}" / f"logreg_s{s}" / "log.txt").read_text().splitlines()[-1]) for s in (0, 1)]
+        splits = [json.loads((out / f"eval_{enc}" / f"logreg_s{s}" / "log.txt").read_text().splitlines()[-1])
+                  for s in (0, 1)]
         assert all(e["n_train"] == 8 for e in splits)  # 2 per class, 4 classes
         assert abs(nums[col][3] - sum(e["logreg_top1"] for e in splits) / 2) <= 0.051
     assert "| total |" in table
@@ -62,6 +63,7 @@ def test_a_stage_stopped_by_a_signal_stops_the_pipeline(tmp_path, to):
     stdout, stderr = p.communicate(timeout=120)
     assert p.returncode == 2, (stdout[-2000:], stderr[-2000:])
     assert "stopped by signal" in stdout
-    assert stderr.strip().splitlines()[-1] == "error: stage MAE pretraining was interrupted; run the same command to continue"
+    assert stderr.strip().splitlines()[-1] == ("error: stage MAE pretraining was interrupted; "
+                                               "run the same command to continue")
     assert any(f.name.startswith("ckpt_") for f in (out / "mae").iterdir()) and not (out / "mae" / "mae.pt").exists()
     assert not (out / "head").exists() and "=== NNCLR head" not in stdout

@@ -147,10 +147,12 @@ def test_heads_are_independent_and_the_bn_has_no_parameters(setup):
         assert e_both["top1"] == e_a["top1"] + e_b["top1"] and e_both["top5"] == e_a["top5"] + e_b["top5"]
     # the module: BatchNorm1d without affine parameters, one Linear per head, all from the same init
     heads = probe.LinearHeads(96, 3, 4, seed=0)
-    assert [n for n, _ in heads.named_parameters()] == [f"linears.{i}.{k}" for i in range(4) for k in ("weight", "bias")]
+    assert [n for n, _ in heads.named_parameters()] == [f"linears.{i}.{k}" for i in range(4)
+                                                        for k in ("weight", "bias")]
     assert heads.norm.weight is None and heads.norm.bias is None and not heads.norm.affine
     w = heads.linears[0].weight
-    assert all(torch.equal(lin.weight, w) for lin in heads.linears) and all((lin.bias == 0).all() for lin in heads.linears)
+    assert (all(torch.equal(lin.weight, w) for lin in heads.linears)
+            and all((lin.bias == 0).all() for lin in heads.linears))
     assert not torch.equal(w, probe.LinearHeads(96, 3, 1, seed=1).linears[0].weight)
     # the authors' init: normal std 0.01 cut at +-2 absolute (200 std: uncut), so 4.55% lie beyond 2 std;
     # BatchNorm eps 1e-5 (torch's, theirs); their lr grid, ten heads
@@ -168,7 +170,8 @@ def noise_folder(root, classes=3, per_class=8, val_per_class=8, seed=0):
         for c in range(classes):
             os.makedirs(os.path.join(root, split, f"class_{c}"))
             for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(os.path.join(root, split, f"class_{c}", f"{i}.png"))
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                    os.path.join(root, split, f"class_{c}", f"{i}.png"))
     return str(root)
 
 
@@ -196,7 +199,8 @@ def test_head_file_holds_the_best_head(setup):
         pred = head(torch.from_numpy(x).float()).argmax(1).numpy()
     assert ck["top1"] == 100.0 * (pred == y).mean()
     # what the head's BatchNorm does in eval mode, as a formula
-    bn = (x - ck["head"]["0.running_mean"].double().numpy()) / np.sqrt(ck["head"]["0.running_var"].double().numpy() + 1e-5)
+    bn = ((x - ck["head"]["0.running_mean"].double().numpy())
+          / np.sqrt(ck["head"]["0.running_var"].double().numpy() + 1e-5))
     ref = bn @ ck["head"]["1.weight"].double().numpy().T + ck["head"]["1.bias"].double().numpy()
     np.testing.assert_array_equal(ref.argmax(1), pred)
 
@@ -349,7 +353,8 @@ def test_errors(setup, capsys):
     line = error_line(capsys, *base(data, enc, tmp / "nan", "--cached", 1, "--blrs", 1e38, "--log_interval", 2))
     first = int(re.search(r"non-finite loss at iteration (\d+);", line).group(1))
     logged = [json.loads(x)["iter"] for x in open(tmp / "nan" / "log.txt") if '"loss"' in x]
-    assert first >= 1 and max(logged) <= first and not (tmp / "nan" / "probe.pt").exists()  # caught at the next log step
+    # caught at the next log step
+    assert first >= 1 and max(logged) <= first and not (tmp / "nan" / "probe.pt").exists()
     (tmp / "data" / "val" / "class_2" / "zz.jpg").write_bytes(b"not a jpeg")
     line = error_line(capsys, *base(data, enc, tmp / "x", "--cached", 1))
     assert "unreadable image" in line and "zz.jpg" in line
@@ -363,7 +368,8 @@ def release_head(path, head, layout="new", kind="mean_patch", **ctor):
     (and norm.*, the same BatchNorm), or in older files layer.2 / layer.3."""
     bn, lin = ("layer.1", "layer.2") if layout == "new" else ("layer.2", "layer.3")
     sd = {f"{bn}.running_mean": head["0.running_mean"], f"{bn}.running_var": head["0.running_var"],
-          f"{bn}.num_batches_tracked": torch.tensor(5005), f"{lin}.weight": head["1.weight"], f"{lin}.bias": head["1.bias"]}
+          f"{bn}.num_batches_tracked": torch.tensor(5005), f"{lin}.weight": head["1.weight"],
+          f"{lin}.bias": head["1.bias"]}
     if layout == "new":
         sd.update({f"norm.{k.split('.')[-1]}": v.clone() for k, v in sd.items() if k.startswith(bn)})
     pooling = {} if kind is None else {"pooling": {"kind": kind}}
@@ -445,7 +451,8 @@ def test_eval_head_layouts_match_float64_reference(released, capsys, monkeypatch
     run_torchrun(2, "probe.py", *map(str, eval_argv(released, str(tmp / "new.th"), tmp / "e2")))
     two = json.loads(open(tmp / "e2" / "log.txt").read())
     one = json.loads(open(tmp / "e" / "log.txt").read().splitlines()[1])
-    assert {k: two[k] for k in ("eval_top1", "eval_top5", "pool")} == {k: one[k] for k in ("eval_top1", "eval_top5", "pool")}
+    assert ({k: two[k] for k in ("eval_top1", "eval_top5", "pool")}
+            == {k: one[k] for k in ("eval_top1", "eval_top5", "pool")})
 
 
 def test_eval_head_errors(released, setup, capsys):
@@ -453,8 +460,8 @@ def test_eval_head_errors(released, setup, capsys):
     new = release_head(tmp / "err_new.th", head)
     # 7-class head on a 3-class val folder: as a user runs it
     _, data3, enc3 = setup
-    p = subprocess.run([sys.executable, "probe.py", "--data_path", data3, "--init", enc3, "--eval_head", new, "--out_dir",
-                        str(tmp / "x3"), "--num_workers", "1", "--crop_pct", "1", "--device", "cpu"],
+    p = subprocess.run([sys.executable, "probe.py", "--data_path", data3, "--init", enc3, "--eval_head", new,
+                        "--out_dir", str(tmp / "x3"), "--num_workers", "1", "--crop_pct", "1", "--device", "cpu"],
                        cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == \
         f"error: --eval_head {new} is a head for 7 classes, {os.path.join(data3, 'val')} has 3 class folders"

@@ -18,7 +18,8 @@ sys.path.insert(0, ROOT)
 import vit  # noqa: E402
 
 SCRIPTS = ["mae_pretrain.py", "nnclr_head.py", "contrastive_tune.py", "probe.py"]
-FINAL = {"mae_pretrain.py": "mae.pt", "nnclr_head.py": "head.pt", "contrastive_tune.py": "ct.pt", "probe.py": "probe.pt"}
+FINAL = {"mae_pretrain.py": "mae.pt", "nnclr_head.py": "head.pt", "contrastive_tune.py": "ct.pt",
+         "probe.py": "probe.pt"}
 HEAD = ["--queue_size", "64", "--proj_hidden", "64", "--proj_dim", "16", "--pred_hidden", "64"]
 
 
