@@ -12,11 +12,13 @@ out_dir/log.txt.
 """
 import argparse
 import atexit
+import ctypes
 import fcntl
+import hashlib
 import functools
 import json
 import math
-import multiprocessing
+import multiprocessing.resource_tracker
 import os
 import random
 import re
@@ -128,8 +130,9 @@ def main(args):
     master_process = ddp_rank == 0
     if args.batch_size % ddp_world_size != 0:
         fail(f"--batch_size {args.batch_size} is not divisible by processes ({ddp_world_size})")
-    if master_process and args.out_dir:
+    if master_process and args.out_dir:  # a line appended to out_dir/log.txt at the end
         lock_out_dir(args.out_dir)
+        claim_out_dir(args.out_dir, "knn", append=True)
 
     # encoder and data: every check before any feature is extracted
     try:
@@ -139,7 +142,8 @@ def main(args):
     img_size = encoder.args["img_size"]
     crop = functools.partial(centre_crop, crop_pct=args.crop_pct)
     bank_set, query_set = (ImageFolder(split_folder(args.data_path, split), img_size, crop, None, 0,
-                                       args.skip_bad_images, resize=device == "cpu") for split in ("train", "val"))
+                                       args.skip_bad_images, resize=device == "cpu", leave_out=True)
+                           for split in ("train", "val"))
     if bank_set.classes != query_set.classes:
         fail(f"train and val class folders differ: {sorted(set(bank_set.classes) ^ set(query_set.classes))[:6]}")
     if max(args.k) > len(bank_set):
@@ -149,11 +153,10 @@ def main(args):
         print(f"k-NN: encoder {encoder.args} from {args.init} ({args.pool} pooling, {dtype}), {len(bank_set)} bank / "
               f"{len(query_set)} query images, {len(bank_set.classes)} classes, {ddp_world_size} process(es)")
     model = torch.compile(encoder) if args.compile else encoder
-    feats = [extract_features(model, ds, args.pool, encoder.args["dim"], args.batch_size, args.num_workers, device,
-                              autocast, desc) for ds, desc in ((bank_set, "bank"), (query_set, "queries"))]
-    bank, queries = prepare_features(*feats, standardize=bool(args.standardize))
-    bank_labels, query_labels = (torch.tensor([c for _, c in ds.samples], device=device)
-                                 for ds in (bank_set, query_set))
+    (bank, bank_labels), (queries, query_labels) = (
+        extract_features(model, ds, args.pool, encoder.args["dim"], args.batch_size, args.num_workers, device, autocast,
+                         desc) for ds, desc in ((bank_set, "bank"), (query_set, "queries")))
+    bank, queries = prepare_features(bank, queries, standardize=bool(args.standardize))
     # every rank holds all features; rank 0 classifies (the similarity pass is cheap next to the extraction)
     if master_process:
         ks = sorted(set(args.k))
@@ -163,10 +166,10 @@ def main(args):
         for k in ks:
             print(f"{k:>5}  {top1[k]:.2f}")
         if args.out_dir:
-            log_line(args.out_dir, dict(knn_top1={str(k): round(top1[k], 4) for k in ks}, temperature=args.temperature,
-                                        pool=args.pool, standardize=args.standardize, init=args.init, which=args.which,
-                                        bank=len(bank_set), queries=len(query_set), img_size=img_size,
-                                        crop_pct=args.crop_pct))
+            log_line(args.out_dir, "knn", dict(
+                knn_top1={str(k): round(top1[k], 4) for k in ks}, temperature=args.temperature, pool=args.pool,
+                standardize=args.standardize, init=args.init, which=args.which, bank=len(bank), queries=len(queries),
+                img_size=img_size, crop_pct=args.crop_pct))
     leave()
 
 
@@ -200,9 +203,11 @@ def check_flags(args, rules):
 def compute_init(args, tf32=True):
     """Stop signals, DDP (torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; NCCL on GPUs, gloo on CPU), the device and
     the autocast dtype (bfloat16 on GPUs that have it). -> ddp, ddp_rank, ddp_world_size, device, dtype, autocast"""
-    for s in STOP_SIGNALS:  # SLURM and most schedulers warn with SIGTERM or SIGUSR1: checkpoint, then exit 0
-        signal.signal(s, lambda signum, frame: STOP.append(signum))
+    for s in STOP_SIGNALS:
+        signal.signal(s, on_stop)
     use_cuda = torch.cuda.is_available() if args.device == "auto" else args.device.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        fail(f"--device {args.device}: torch finds no CUDA GPU on this machine (use --device cpu)")
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
@@ -218,19 +223,34 @@ def compute_init(args, tf32=True):
     return ddp, ddp_rank, ddp_world_size, device, dtype, autocast
 
 
-STOP_SIGNALS, STOP = (signal.SIGTERM, signal.SIGUSR1), []  # the stop signals received
+# SLURM and most schedulers warn with SIGTERM or SIGUSR1, a terminal with SIGINT (Ctrl-C): the run stops at its
+# next log step (a feature extraction at its next batches), checkpointed, exit 0. A second Ctrl-C stops at once.
+STOP_SIGNALS, STOP = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT), []
+
+
+def on_stop(signum, frame):
+    if signum == signal.SIGINT and signal.SIGINT in STOP:
+        raise KeyboardInterrupt
+    if signum == signal.SIGINT and int(os.environ.get("RANK", 0)) == 0:  # os.write: safe in a signal handler
+        os.write(2, b"\nstopping (Ctrl-C again: at once)\n")
+    STOP.append(signum)
+
+
+class Stop(Exception):
+    """A stop signal during a feature extraction: every rank leaves with the message, exit 0."""
 
 
 def stop_requested(device):
-    """A stop signal to any rank stops every rank at the same step."""
+    """A stop signal to any rank stops every rank at the same step (one process: no device read)."""
+    if not dist.is_initialized():
+        return bool(STOP)
     stop = torch.tensor(float(bool(STOP)), device=device)
-    if dist.is_initialized():
-        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+    dist.all_reduce(stop, op=dist.ReduceOp.MAX)
     return bool(stop.item())
 
 
 def leave(msg=""):
-    """Every rank together (rank 0 may still be writing; gloo aborts otherwise): the message, then exit 0."""
+    """Every rank together (rank 0 may still be writing; gloo aborts otherwise), after the message."""
     if msg and int(os.environ.get("RANK", 0)) == 0:
         tqdm.write(msg)
     if dist.is_initialized():
@@ -252,12 +272,19 @@ def split_folder(data_path, split):
 
 def scan_image_folder(root):
     """[(path, class index)], classes: subfolder names in string order ("0", "10", "2"), the images directly in each
-    (not in nested folders); names starting with "." (macOS ._* files, .ipynb_checkpoints) are not read."""
+    (not in nested folders); names starting with "." (macOS ._* files, .ipynb_checkpoints) are not read. Images
+    directly in root instead: unlabelled (class -1, no classes)."""
     if not os.path.isdir(root):
         fail(f"image folder not found: {root}")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    entries = sorted((e.name, e.is_dir()) for e in os.scandir(root) if not e.name.startswith("."))
+    classes = [name for name, is_dir in entries if is_dir]
+    images = [name for name, is_dir in entries if not is_dir and name.lower().endswith(IMG_EXTS)]
+    if images and classes:
+        fail(f"{root} holds images and folders: put every image in a class folder, or all directly in {root}")
     if not classes:
-        fail(f"no class folders in {root} (expected {root}/<class>/<image>)")
+        if not images:
+            fail(f"no class folders or images in {root} (expected {root}/<class>/<image>)")
+        return [(os.path.join(root, f), -1) for f in images], []
     samples = []
     for c, name in enumerate(classes):
         files = sorted(f for f in os.listdir(os.path.join(root, name)) if f.lower().endswith(IMG_EXTS) and f[0] != ".")
@@ -293,20 +320,26 @@ class ImageFolder(torch.utils.data.Dataset):
     from a function of (seed, epoch, index) alone: any number of workers, any restart, the same crops. The stage's
     augmentation comes in as two functions: boxes(rng, w, h) -> crop boxes of a w x h image, finish(crops, rng) ->
     the crops after flips and colour changes (None: as cut). resize=False: crops leave the worker at their own size
-    and crops_to_batch resizes them on the GPU, which takes a third of a worker's time off it at 224 px."""
+    and crops_to_batch resizes them on the GPU, which takes a third of a worker's time off it at 224 px. An
+    unreadable image stops the run naming the file; with skip_bad, training takes the next image instead and an
+    evaluation (leave_out) leaves it out: a blank crop of label -2, dropped by extract_features."""
 
-    def __init__(self, root, img_size, boxes, finish=None, seed=0, skip_bad=False, resize=True):
+    def __init__(self, root, img_size, boxes, finish=None, seed=0, skip_bad=False, resize=True, leave_out=False):
         self.samples, self.classes = scan_image_folder(root)
-        self.img_size, self.boxes, self.finish, self.seed = img_size, boxes, finish, seed
-        self.skip_bad, self.resize, self.bad = skip_bad, resize, 0
+        self.root, self.img_size, self.boxes, self.finish, self.seed = root, img_size, boxes, finish, seed
+        self.skip_bad, self.resize, self.leave_out, self.bad = skip_bad, resize, leave_out, 0
 
     def __len__(self):
         return len(self.samples)
 
+    def fingerprint(self):  # the image list, whatever the folder's path: its count and its names relative to root
+        names = "\n".join(os.path.relpath(p, self.root) for p, _ in self.samples)
+        return dict(images=len(self.samples), names_sha256=hashlib.sha256(names.encode()).hexdigest())
+
     def load(self, i, boxes_fn):
         """Decode image i and cut the boxes boxes_fn(w, h) returns -> (crops, label, index of the image used).
         JPEGs are decoded at reduced size (PIL draft: DCT scaling) when even the smallest crop stays at least
-        twice img_size. An unreadable image stops the run naming the file, or with skip_bad the next one is used."""
+        twice img_size."""
         for attempt in range(len(self.samples)):
             j = (i + attempt) % len(self.samples)
             path = self.samples[j][0]
@@ -331,13 +364,15 @@ class ImageFolder(torch.utils.data.Dataset):
                 self.bad += 1
                 print(f"warning: skipping unreadable image {path} ({e}); {self.bad} skipped in this worker",
                       file=sys.stderr)
+                if self.leave_out:
+                    return [Image.new("RGB", (self.img_size, self.img_size))], -2, i
         raise UnreadableImage("no readable image in the dataset")
 
     def __getitem__(self, item):
         epoch, i = item
         rng = random.Random((self.seed * 1_000_003 + epoch) * 1_000_003 + i)
         crops, label, j = self.load(i, lambda w, h: self.boxes(rng, w, h))
-        crops = self.finish(crops, rng) if self.finish else crops
+        crops = self.finish(crops, rng) if self.finish and label != -2 else crops
         return [torch.from_numpy(np.array(c)) for c in crops], label, j  # V x (h, w, 3) uint8
 
 
@@ -362,21 +397,31 @@ def crops_to_batch(flat, sizes, img_size, device):
 
 
 def quiet_worker(worker_id):
-    """worker_init_fn: stop signals are the main process's to handle. timeout and SLURM signal every process of the
-    job, and torch's worker dies of a SIGTERM not from its parent; start_workers blocks them until here."""
+    """worker_init_fn: stop signals are the main process's to handle (timeout and SLURM signal every process of the
+    job, a terminal's Ctrl-C too; start_workers blocks them until here). A worker dies with its main process."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    if sys.platform == "linux":  # PR_SET_PDEATHSIG = 1: SIGKILL when the parent ends, however it ends
+        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))
+        if os.getppid() == 1:  # the parent ended before that call
+            os._exit(0)
 
 
 def make_loader(dataset, batch_size, sampler, num_workers, device, persistent=True):
+    """Workers are started fresh ("spawn"), not forked: a fork while another thread of this process starts or ends
+    can leave the new worker waiting forever on a lock held at the fork (CPython gh-112275)."""
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                                        pin_memory=device != "cpu", persistent_workers=persistent and num_workers > 0,
-                                       collate_fn=collate, worker_init_fn=quiet_worker)
+                                       collate_fn=collate, worker_init_fn=quiet_worker,
+                                       multiprocessing_context="spawn" if num_workers else None)
 
 
 def start_workers(loader):
-    """iter(loader), the stop signals held back while it starts workers: one would die of them before ignoring them."""
+    """iter(loader), the stop signals held back while it starts workers (they inherit the mask): one would die of
+    them before ignoring them. Spawn's resource tracker is started first: starting, it unblocks SIGINT and SIGTERM."""
+    if loader.num_workers:
+        multiprocessing.resource_tracker.ensure_running()
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         return iter(loader)
@@ -397,34 +442,48 @@ def shut_down():
 
 
 @torch.no_grad()
-def extract_features(encoder, dataset, how, dim, batch_size, num_workers, device, autocast, desc="features"):
-    """Pooled features of every image of dataset: (len(dataset), dim) float32 on device, on every rank, in dataset
-    order. Rank r encodes images r, r + world, r + 2 world, ...; the all_gather puts them back in order, so the
-    result does not depend on the number of processes."""
+def extract_features(encoder, dataset, how, dim, batch_size, num_workers, device, autocast, desc="features",
+                     loader=None):
+    """Pooled features and labels of the images of dataset, (N, dim) float32 and (N,) on device, on every rank, in
+    dataset order, without the images left out as unreadable. Rank r encodes images r, r + world, ...; the
+    all_gather puts them back in order, so the result does not depend on the number of processes. A stop signal ends
+    it within a few batches, every rank together: Stop."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    n = len(dataset)
-    per = -(-n // world)  # images per rank; the short ranks' last row stays zero (padding)
-    loader = make_loader(dataset, max(1, batch_size // world), [(0, i) for i in range(rank, n, world)], num_workers,
-                         device, persistent=False)
-    feats, j = torch.zeros(per, dim, device=device), 0
+    n, b = len(dataset), max(1, batch_size // world)
+    per = -(-n // world)  # images per rank; the short ranks' last row stays padding
+    loader = loader or make_loader(dataset, b, [(0, i) for i in range(rank, n, world)], num_workers, device, False)
+    feats, labels = torch.zeros(per, dim, device=device), torch.full((per,), -3, dtype=torch.long, device=device)
+    together, j = -(-(n // world) // b), 0  # batches every rank has: where they agree on a stop
     try:
-        for flat, sizes, _, _ in tqdm(start_workers(loader), total=len(loader), desc=desc, disable=rank != 0,
-                                      dynamic_ncols=True, leave=False):
+        for s, (flat, sizes, y, _) in enumerate(tqdm(start_workers(loader), total=len(loader), desc=desc,
+                                                     disable=rank != 0, dynamic_ncols=True, leave=False)):
+            if s < together and (s % 8 == 0 or world == 1) and stop_requested(device):
+                raise Stop(f"stopped by signal while extracting the {desc} features ({j * world} of {n} images)")
             with autocast:
                 f = vit.pool(encoder(vit.normalize(crops_to_batch(flat, sizes, dataset.img_size, device))), how)
-            feats[j:j + len(f)] = f.float()
+            feats[j:j + len(f)], labels[j:j + len(f)] = f.float(), y.to(device)
             j += len(f)
     except UnreadableImage as e:  # from a worker or not: one line (main() may run in the caller's process)
         fail(str(e))
-    if world > 1:
-        parts = [torch.empty_like(feats) for _ in range(world)]
-        dist.all_gather(parts, feats)
-        feats = torch.stack(parts, dim=1).flatten(0, 1)  # (per, world, dim): row q*world + r is image q*world + r
-    return feats[:n]
+    if world > 1:  # (per, world, dim): row q * world + r is image q * world + r
+        feats, labels = (torch.stack(gather_all(t), dim=1).flatten(0, 1) for t in (feats, labels))
+    feats, labels = feats[:n], labels[:n]
+    keep = labels != -2
+    if not keep.all() and rank == 0:
+        tqdm.write(f"warning: {(~keep).sum().item()} unreadable images of {dataset.root} left out", file=sys.stderr)
+    return feats[keep], labels[keep]
+
+
+def gather_all(t):  # every rank's t, in rank order
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return parts
 
 
 # -----------------------------------------------------------------------------
-# out_dir: one run at a time, files written whole
+# out_dir: one run at a time, files written whole, no run writes into another's files
+RUN_FILES = re.compile(r"(ckpt_\d+|mae|head|ct|probe|logreg)\.pt|recon_\d+\.png|log\.txt|tb")
+
 
 def lock_out_dir(out_dir):
     """Rank 0: create out_dir and lock it until this process ends, so a second run into it is refused before it
@@ -461,10 +520,39 @@ def lock_out_dir(out_dir):
     atexit.register(lambda: os.getpid() == pid and os.path.exists(path) and os.remove(path))  # not in the workers
 
 
-def log_line(out_dir, entry):
-    """Rank 0: one JSON line appended to out_dir/log.txt."""
-    with open(os.path.join(out_dir, "log.txt"), "a") as f:
-        f.write(json.dumps(entry) + "\n")
+def claim_out_dir(out_dir, stage, append=False, resume="", ckpt_path=""):
+    """Rank 0, before the first write: a run never deletes, overwrites or appends to another run's files. A run that
+    continues a checkpoint of out_dir owns its files; one that appends to a log (an evaluation, or --resume auto after
+    a run of this stage that stopped before its first checkpoint) owns a log.txt whose lines are all of its stage."""
+    found = sorted(f for f in os.listdir(out_dir) if RUN_FILES.fullmatch(f))
+    if not found or ckpt_path and os.path.samefile(os.path.dirname(os.path.abspath(ckpt_path)), out_dir):
+        return
+    path = os.path.join(out_dir, "log.txt")
+    try:
+        stages = {json.loads(line).get("stage") for line in open(path)} if os.path.exists(path) else set()
+    except (ValueError, AttributeError):
+        stages = {None}
+    logs_only = not [f for f in found if f.endswith(".pt")] and (append or resume == "auto")
+    if not (logs_only and stages == {stage}):
+        fail(f"--out_dir {out_dir} holds another run's files ({', '.join(found[:3])}{', ...' * (len(found) > 3)}): "
+             + ("continue that run with --resume auto, or use another --out_dir" if not append else
+                "use another --out_dir"))
+
+
+def log_line(out_dir, stage, entry):
+    """Rank 0: one JSON line appended to out_dir/log.txt, the stage first. A full disk stops the run in one line and
+    leaves the file as it was."""
+    path, line = os.path.join(out_dir, "log.txt"), (json.dumps(dict(stage=stage, **entry)) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    size = os.fstat(fd).st_size
+    try:
+        if os.write(fd, line) != len(line):
+            raise OSError(28, os.strerror(28))  # ENOSPC, after a partial write
+    except OSError as e:
+        os.ftruncate(fd, size)
+        fail(f"cannot write {path}: {e.strerror} (its earlier lines and every checkpoint are intact)")
+    finally:
+        os.close(fd)
 
 
 def save_atomic(obj, path):
@@ -490,5 +578,11 @@ if __name__ == "__main__":
         main(parser.parse_args())
     except UnreadableImage as e:  # one line, as for every bad input
         fail(str(e))
+    except Stop as e:  # stopped in a feature extraction: nothing half-written
+        leave(str(e))
+        sys.exit(0)
+    except KeyboardInterrupt:  # the second Ctrl-C
+        tqdm.write("stopped at once by a second Ctrl-C; what the last checkpoint holds is kept", file=sys.stderr)
+        sys.exit(130)
     finally:
         shut_down()

@@ -10,12 +10,14 @@ out_dir/log.txt (JSON lines) and out_dir/recon_*.png (val images / masked / reco
 """
 import argparse
 import atexit
+import ctypes
 import fcntl
 import functools
 import glob
+import hashlib
 import json
 import math
-import multiprocessing
+import multiprocessing.resource_tracker
 import os
 import random
 import re
@@ -166,6 +168,12 @@ parser.add_argument("--ckpt_interval", type=int, default=1000, help="iterations 
 parser.add_argument("--keep_last", type=int, default=2, help="periodic checkpoints kept (0 = all)")
 parser.add_argument("--skip_bad_images", type=int, default=0, help="1: log unreadable images and use others")
 parser.add_argument("--max_iters", type=int, default=0, help="stop after this many iterations (0 = epochs)")
+parser.add_argument("--clip_grad", type=float, default=0.0, help="clip the gradient norm to this (0: off, authors')")
+parser.add_argument("--knn_interval", type=int, default=0, help="iterations between k-NN evaluations (0: off)")
+parser.add_argument("--knn_bank", type=int, default=10000, help="k-NN: train images in the bank (a seeded subset)")
+parser.add_argument("--knn_queries", type=int, default=2000, help="k-NN: val images queried (a seeded subset)")
+parser.add_argument("--pool", default="mean", choices=["cls", "mean"], help="k-NN: the pooling of the features")
+parser.add_argument("--tensorboard", type=int, default=0, help="1: also write TensorBoard events to out_dir/tb")
 
 # flags a resumed run must share with the checkpoint it continues (the run's length may change)
 RESUME_FLAGS = ("model", "img_size", "patch_size", "dim", "depth", "heads", "dec_dim", "dec_depth", "dec_heads",
@@ -174,15 +182,46 @@ RESUME_FLAGS = ("model", "img_size", "patch_size", "dim", "depth", "heads", "dec
 
 
 # -----------------------------------------------------------------------------
+def load_model(args, ckpt, master_process):
+    """The MAE: resumed from ckpt, or fresh from the flags, or from --init (this project's mae.pt or a
+    facebookresearch/mae checkpoint: the encoder, and the decoder where the file has one)."""
+    if ckpt is not None:
+        model = MAE(**ckpt["model_args"], **ckpt["dec_args"])
+        model.load_state_dict({**ckpt["encoder"], **ckpt["decoder"]})
+        return model
+    model_args = vit.model_args_from_preset(args.model, args.img_size, args.patch_size, args.dim, args.depth,
+                                            args.heads)
+    model = MAE(**model_args, dec_dim=args.dec_dim, dec_depth=args.dec_depth, dec_heads=args.dec_heads,
+                norm_pix_loss=bool(args.norm_pix_loss))
+    if args.init:
+        init = vit.load_checkpoint(args.init)
+        if init.get("stage", "mae") != "mae":
+            raise ValueError(f"{args.init}: expected an MAE checkpoint, found a {init['stage']} checkpoint")
+        enc, dec = split_state(init["model"] if "model" in init else {**init.get("encoder", {}),
+                                                                       **init.get("decoder", {})})
+        vit.load_state_strict(vit.ViT(**model_args), enc, args.init)  # names every key that does not fit
+        if dec:
+            vit.load_state_strict(model, {**enc, **dec}, args.init)
+        else:
+            model.load_state_dict(enc, strict=False)
+            if master_process:
+                print(f"{args.init} has no decoder: the decoder starts from scratch", file=sys.stderr)
+    return model
+
+
+# -----------------------------------------------------------------------------
 def main(args):
     check_flags(args, [
         ("epochs batch_size views grad_accum log_interval eval_interval ckpt_interval", ">= 1", lambda v: v >= 1),
         ("img_size dec_dim dec_depth dec_heads", ">= 1", lambda v: v >= 1),
-        ("max_iters keep_last patch_size dim depth heads", ">= 0", lambda v: v >= 0),
-        ("warmup_epochs blr min_lr weight_decay", ">= 0", lambda v: v >= 0),
+        ("max_iters keep_last patch_size dim depth heads knn_interval", ">= 0", lambda v: v >= 0),
+        ("warmup_epochs blr min_lr weight_decay clip_grad", ">= 0", lambda v: v >= 0),
+        ("knn_bank knn_queries", ">= 1", lambda v: v >= 1),
         ("mask_ratio", "in (0, 1)", lambda v: 0 < v < 1),
-        ("norm_pix_loss", "0 or 1", lambda v: v in (0, 1)),
+        ("norm_pix_loss tensorboard", "0 or 1", lambda v: v in (0, 1)),
     ])
+    if args.dec_dim % args.dec_heads or args.dec_dim % 4:
+        fail(f"--dec_dim {args.dec_dim} must be divisible by --dec_heads ({args.dec_heads}) and by 4")
     ddp, ddp_rank, ddp_world_size, device, dtype, autocast = compute_init(args)
     master_process = ddp_rank == 0
     torch.manual_seed(args.seed)
@@ -193,8 +232,9 @@ def main(args):
     train_set = ImageFolder(split_folder(args.data_path, "train"), args.img_size,
                             functools.partial(train_boxes, views=args.views), flip_each, args.seed,
                             args.skip_bad_images, resize=device == "cpu")
-    val_set = ImageFolder(split_folder(args.data_path, "val"), args.img_size, val_box, None, args.seed,
-                          args.skip_bad_images)
+    val_set = ImageFolder(os.path.join(args.data_path, "val"), args.img_size, val_box, None, args.seed,
+                          args.skip_bad_images) if os.path.isdir(os.path.join(args.data_path, "val")) else None
+    knn = KnnMonitor(args, args.img_size, device, autocast) if args.knn_interval else None
     loader = train_loader(train_set, args, device)
     steps_per_epoch = loader.sampler.steps
     max_iters = args.max_iters or args.epochs * steps_per_epoch
@@ -202,31 +242,12 @@ def main(args):
 
     # model: fresh, from --init (the encoder, and the decoder where the file has one), or resumed
     try:
-        if ckpt is not None:
-            model_args, dec_args = ckpt["model_args"], ckpt["dec_args"]
-        else:
-            model_args = vit.model_args_from_preset(args.model, args.img_size, args.patch_size, args.dim, args.depth,
-                                                    args.heads)
-            dec_args = dict(dec_dim=args.dec_dim, dec_depth=args.dec_depth, dec_heads=args.dec_heads,
-                            norm_pix_loss=bool(args.norm_pix_loss))
-        model = MAE(**model_args, **dec_args)
-        if ckpt is not None:
-            model.load_state_dict({**ckpt["encoder"], **ckpt["decoder"]})
-        elif args.init:
-            init = vit.load_checkpoint(args.init)
-            if init.get("stage", "mae") != "mae":
-                raise ValueError(f"{args.init}: expected an MAE checkpoint, found a {init['stage']} checkpoint")
-            enc, dec = split_state(init["model"] if "model" in init else {**init.get("encoder", {}),
-                                                                           **init.get("decoder", {})})
-            vit.load_state_strict(vit.ViT(**model_args), enc, args.init)  # names every key that does not fit
-            if dec:
-                vit.load_state_strict(model, {**enc, **dec}, args.init)
-            else:
-                model.load_state_dict(enc, strict=False)
-                if master_process:
-                    print(f"{args.init} has no decoder: the decoder starts from scratch", file=sys.stderr)
+        model = load_model(args, ckpt, master_process)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
+    model_args, dec_args = model.args, model.dec_args
+    if int(model.num_patches * (1 - args.mask_ratio)) < 1:
+        fail(f"--mask_ratio {args.mask_ratio} leaves no visible patch of {model.num_patches}")
     model.to(device)
 
     # optimizer: AdamW (0.9, 0.95), no weight decay on biases and 1-D tensors; the lr scales with images x views
@@ -251,7 +272,7 @@ def main(args):
                     optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=iter_num, args=vars(args))
 
     def evaluate():  # rank 0: the loss on fixed val images and masks, and the reconstruction picture
-        if master_process:
+        if master_process and val_set is not None:
             n = min(len(val_set), 64)
             imgs = vit.normalize(crops_to_batch(*collate([val_set[(0, i)] for i in range(n)])[:2], args.img_size,
                                                 device))
@@ -260,16 +281,25 @@ def main(args):
             val_loss, picture = reconstruct(raw_model, imgs, noise, args.mask_ratio, autocast)
             raw_model.train()
             save_atomic(picture, os.path.join(out_dir, f"recon_{iter_num:08d}.png"))
-            run.log(dict(iter=iter_num, val_loss=round(val_loss, 5)))
+            run.log(dict(iter=iter_num, val_loss=round(val_loss, 5)), image=("reconstruction", picture))
             run.pbar.write(f"iter {iter_num}: val loss {val_loss:.4f}")
+
+    def evaluate_knn():  # every rank: k-NN top-1 of the encoder on the unmasked images
+        raw_model.eval()
+        top1 = knn(lambda x: raw_model.forward_masked(x, 0.0)[0], model_args["dim"], args.pool)
+        raw_model.train()
+        run.knn_top1 = top1
+        run.log(dict(iter=iter_num, knn_top1=round(top1, 2)))
+        run.show(f"iter {iter_num}: k-NN top-1 {top1:.2f}", knn=f"{top1:.1f}")
 
     # training loop
     if master_process:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"MAE {model_args} decoder {dec_args}: {n_params / 1e6:.1f}M params, {len(train_set)} train images, "
               f"{steps_per_epoch} steps/epoch, {max_iters} iterations, lr {lr:.3g}, {dtype}, "
-              f"{ddp_world_size} process(es)")
-    run = Run(args, ckpt, iter_num, max_iters, steps_per_epoch, device)
+              f"{ddp_world_size} process(es)" + ("; no val/: no val loss or reconstructions" if val_set is None
+                                                 else ""))
+    run = Run(args, "mae", resume_path, ckpt, iter_num, max_iters, steps_per_epoch, [train_set], device)
     ckpt = None  # free memory
     batches = train_batches(loader, iter_num)
     model.train()
@@ -291,13 +321,15 @@ def main(args):
                 loss = model(x, args.mask_ratio, noise[first:first + x.shape[0]])[0]
             scaler.scale(loss / args.grad_accum).backward()
             loss_sum += loss.detach().float() / args.grad_accum
+        grad_norm = clip_grad(model.parameters(), args.clip_grad, scaler, optimizer)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         iter_num += 1
-        run.step(iter_num, loss_sum, lr=lr_now)  # progress; at log steps the log line and the non-finite check
-        run.save_or_stop(iter_num, checkpoint, evaluate if iter_num % args.eval_interval == 0 else None)
-    run.finish("mae.pt", checkpoint, evaluate)
+        run.step(iter_num, loss_sum, lr=lr_now, grad_norm=grad_norm)  # progress; at log steps the log line
+        run.save_or_stop(iter_num, checkpoint, due(iter_num, (args.eval_interval, evaluate),
+                                                   (args.knn_interval, knn and evaluate_knn)))
+    run.finish("mae.pt", checkpoint, lambda: (evaluate(), knn and evaluate_knn()))
 
 
 # ==== plumbing: the same in every stage script below this line ====
@@ -330,9 +362,11 @@ def check_flags(args, rules):
 def compute_init(args, tf32=True):
     """Stop signals, DDP (torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; NCCL on GPUs, gloo on CPU), the device and
     the autocast dtype (bfloat16 on GPUs that have it). -> ddp, ddp_rank, ddp_world_size, device, dtype, autocast"""
-    for s in STOP_SIGNALS:  # SLURM and most schedulers warn with SIGTERM or SIGUSR1: checkpoint, then exit 0
-        signal.signal(s, lambda signum, frame: STOP.append(signum))
+    for s in STOP_SIGNALS:
+        signal.signal(s, on_stop)
     use_cuda = torch.cuda.is_available() if args.device == "auto" else args.device.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        fail(f"--device {args.device}: torch finds no CUDA GPU on this machine (use --device cpu)")
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
@@ -348,19 +382,34 @@ def compute_init(args, tf32=True):
     return ddp, ddp_rank, ddp_world_size, device, dtype, autocast
 
 
-STOP_SIGNALS, STOP = (signal.SIGTERM, signal.SIGUSR1), []  # the stop signals received
+# SLURM and most schedulers warn with SIGTERM or SIGUSR1, a terminal with SIGINT (Ctrl-C): the run stops at its
+# next log step (a feature extraction at its next batches), checkpointed, exit 0. A second Ctrl-C stops at once.
+STOP_SIGNALS, STOP = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT), []
+
+
+def on_stop(signum, frame):
+    if signum == signal.SIGINT and signal.SIGINT in STOP:
+        raise KeyboardInterrupt
+    if signum == signal.SIGINT and int(os.environ.get("RANK", 0)) == 0:  # os.write: safe in a signal handler
+        os.write(2, b"\nstopping (Ctrl-C again: at once)\n")
+    STOP.append(signum)
+
+
+class Stop(Exception):
+    """A stop signal during a feature extraction: every rank leaves with the message, exit 0."""
 
 
 def stop_requested(device):
-    """A stop signal to any rank stops every rank at the same step."""
+    """A stop signal to any rank stops every rank at the same step (one process: no device read)."""
+    if not dist.is_initialized():
+        return bool(STOP)
     stop = torch.tensor(float(bool(STOP)), device=device)
-    if dist.is_initialized():
-        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+    dist.all_reduce(stop, op=dist.ReduceOp.MAX)
     return bool(stop.item())
 
 
 def leave(msg=""):
-    """Every rank together (rank 0 may still be writing; gloo aborts otherwise): the message, then exit 0."""
+    """Every rank together (rank 0 may still be writing; gloo aborts otherwise), after the message."""
     if msg and int(os.environ.get("RANK", 0)) == 0:
         tqdm.write(msg)
     if dist.is_initialized():
@@ -382,12 +431,19 @@ def split_folder(data_path, split):
 
 def scan_image_folder(root):
     """[(path, class index)], classes: subfolder names in string order ("0", "10", "2"), the images directly in each
-    (not in nested folders); names starting with "." (macOS ._* files, .ipynb_checkpoints) are not read."""
+    (not in nested folders); names starting with "." (macOS ._* files, .ipynb_checkpoints) are not read. Images
+    directly in root instead: unlabelled (class -1, no classes)."""
     if not os.path.isdir(root):
         fail(f"image folder not found: {root}")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    entries = sorted((e.name, e.is_dir()) for e in os.scandir(root) if not e.name.startswith("."))
+    classes = [name for name, is_dir in entries if is_dir]
+    images = [name for name, is_dir in entries if not is_dir and name.lower().endswith(IMG_EXTS)]
+    if images and classes:
+        fail(f"{root} holds images and folders: put every image in a class folder, or all directly in {root}")
     if not classes:
-        fail(f"no class folders in {root} (expected {root}/<class>/<image>)")
+        if not images:
+            fail(f"no class folders or images in {root} (expected {root}/<class>/<image>)")
+        return [(os.path.join(root, f), -1) for f in images], []
     samples = []
     for c, name in enumerate(classes):
         files = sorted(f for f in os.listdir(os.path.join(root, name)) if f.lower().endswith(IMG_EXTS) and f[0] != ".")
@@ -423,20 +479,26 @@ class ImageFolder(torch.utils.data.Dataset):
     from a function of (seed, epoch, index) alone: any number of workers, any restart, the same crops. The stage's
     augmentation comes in as two functions: boxes(rng, w, h) -> crop boxes of a w x h image, finish(crops, rng) ->
     the crops after flips and colour changes (None: as cut). resize=False: crops leave the worker at their own size
-    and crops_to_batch resizes them on the GPU, which takes a third of a worker's time off it at 224 px."""
+    and crops_to_batch resizes them on the GPU, which takes a third of a worker's time off it at 224 px. An
+    unreadable image stops the run naming the file; with skip_bad, training takes the next image instead and an
+    evaluation (leave_out) leaves it out: a blank crop of label -2, dropped by extract_features."""
 
-    def __init__(self, root, img_size, boxes, finish=None, seed=0, skip_bad=False, resize=True):
+    def __init__(self, root, img_size, boxes, finish=None, seed=0, skip_bad=False, resize=True, leave_out=False):
         self.samples, self.classes = scan_image_folder(root)
-        self.img_size, self.boxes, self.finish, self.seed = img_size, boxes, finish, seed
-        self.skip_bad, self.resize, self.bad = skip_bad, resize, 0
+        self.root, self.img_size, self.boxes, self.finish, self.seed = root, img_size, boxes, finish, seed
+        self.skip_bad, self.resize, self.leave_out, self.bad = skip_bad, resize, leave_out, 0
 
     def __len__(self):
         return len(self.samples)
 
+    def fingerprint(self):  # the image list, whatever the folder's path: its count and its names relative to root
+        names = "\n".join(os.path.relpath(p, self.root) for p, _ in self.samples)
+        return dict(images=len(self.samples), names_sha256=hashlib.sha256(names.encode()).hexdigest())
+
     def load(self, i, boxes_fn):
         """Decode image i and cut the boxes boxes_fn(w, h) returns -> (crops, label, index of the image used).
         JPEGs are decoded at reduced size (PIL draft: DCT scaling) when even the smallest crop stays at least
-        twice img_size. An unreadable image stops the run naming the file, or with skip_bad the next one is used."""
+        twice img_size."""
         for attempt in range(len(self.samples)):
             j = (i + attempt) % len(self.samples)
             path = self.samples[j][0]
@@ -461,13 +523,15 @@ class ImageFolder(torch.utils.data.Dataset):
                 self.bad += 1
                 print(f"warning: skipping unreadable image {path} ({e}); {self.bad} skipped in this worker",
                       file=sys.stderr)
+                if self.leave_out:
+                    return [Image.new("RGB", (self.img_size, self.img_size))], -2, i
         raise UnreadableImage("no readable image in the dataset")
 
     def __getitem__(self, item):
         epoch, i = item
         rng = random.Random((self.seed * 1_000_003 + epoch) * 1_000_003 + i)
         crops, label, j = self.load(i, lambda w, h: self.boxes(rng, w, h))
-        crops = self.finish(crops, rng) if self.finish else crops
+        crops = self.finish(crops, rng) if self.finish and label != -2 else crops
         return [torch.from_numpy(np.array(c)) for c in crops], label, j  # V x (h, w, 3) uint8
 
 
@@ -492,21 +556,31 @@ def crops_to_batch(flat, sizes, img_size, device):
 
 
 def quiet_worker(worker_id):
-    """worker_init_fn: stop signals are the main process's to handle. timeout and SLURM signal every process of the
-    job, and torch's worker dies of a SIGTERM not from its parent; start_workers blocks them until here."""
+    """worker_init_fn: stop signals are the main process's to handle (timeout and SLURM signal every process of the
+    job, a terminal's Ctrl-C too; start_workers blocks them until here). A worker dies with its main process."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    if sys.platform == "linux":  # PR_SET_PDEATHSIG = 1: SIGKILL when the parent ends, however it ends
+        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))
+        if os.getppid() == 1:  # the parent ended before that call
+            os._exit(0)
 
 
 def make_loader(dataset, batch_size, sampler, num_workers, device, persistent=True):
+    """Workers are started fresh ("spawn"), not forked: a fork while another thread of this process starts or ends
+    can leave the new worker waiting forever on a lock held at the fork (CPython gh-112275)."""
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                                        pin_memory=device != "cpu", persistent_workers=persistent and num_workers > 0,
-                                       collate_fn=collate, worker_init_fn=quiet_worker)
+                                       collate_fn=collate, worker_init_fn=quiet_worker,
+                                       multiprocessing_context="spawn" if num_workers else None)
 
 
 def start_workers(loader):
-    """iter(loader), the stop signals held back while it starts workers: one would die of them before ignoring them."""
+    """iter(loader), the stop signals held back while it starts workers (they inherit the mask): one would die of
+    them before ignoring them. Spawn's resource tracker is started first: starting, it unblocks SIGINT and SIGTERM."""
+    if loader.num_workers:
+        multiprocessing.resource_tracker.ensure_running()
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         return iter(loader)
@@ -527,34 +601,48 @@ def shut_down():
 
 
 @torch.no_grad()
-def extract_features(encoder, dataset, how, dim, batch_size, num_workers, device, autocast, desc="features"):
-    """Pooled features of every image of dataset: (len(dataset), dim) float32 on device, on every rank, in dataset
-    order. Rank r encodes images r, r + world, r + 2 world, ...; the all_gather puts them back in order, so the
-    result does not depend on the number of processes."""
+def extract_features(encoder, dataset, how, dim, batch_size, num_workers, device, autocast, desc="features",
+                     loader=None):
+    """Pooled features and labels of the images of dataset, (N, dim) float32 and (N,) on device, on every rank, in
+    dataset order, without the images left out as unreadable. Rank r encodes images r, r + world, ...; the
+    all_gather puts them back in order, so the result does not depend on the number of processes. A stop signal ends
+    it within a few batches, every rank together: Stop."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    n = len(dataset)
-    per = -(-n // world)  # images per rank; the short ranks' last row stays zero (padding)
-    loader = make_loader(dataset, max(1, batch_size // world), [(0, i) for i in range(rank, n, world)], num_workers,
-                         device, persistent=False)
-    feats, j = torch.zeros(per, dim, device=device), 0
+    n, b = len(dataset), max(1, batch_size // world)
+    per = -(-n // world)  # images per rank; the short ranks' last row stays padding
+    loader = loader or make_loader(dataset, b, [(0, i) for i in range(rank, n, world)], num_workers, device, False)
+    feats, labels = torch.zeros(per, dim, device=device), torch.full((per,), -3, dtype=torch.long, device=device)
+    together, j = -(-(n // world) // b), 0  # batches every rank has: where they agree on a stop
     try:
-        for flat, sizes, _, _ in tqdm(start_workers(loader), total=len(loader), desc=desc, disable=rank != 0,
-                                      dynamic_ncols=True, leave=False):
+        for s, (flat, sizes, y, _) in enumerate(tqdm(start_workers(loader), total=len(loader), desc=desc,
+                                                     disable=rank != 0, dynamic_ncols=True, leave=False)):
+            if s < together and (s % 8 == 0 or world == 1) and stop_requested(device):
+                raise Stop(f"stopped by signal while extracting the {desc} features ({j * world} of {n} images)")
             with autocast:
                 f = vit.pool(encoder(vit.normalize(crops_to_batch(flat, sizes, dataset.img_size, device))), how)
-            feats[j:j + len(f)] = f.float()
+            feats[j:j + len(f)], labels[j:j + len(f)] = f.float(), y.to(device)
             j += len(f)
     except UnreadableImage as e:  # from a worker or not: one line (main() may run in the caller's process)
         fail(str(e))
-    if world > 1:
-        parts = [torch.empty_like(feats) for _ in range(world)]
-        dist.all_gather(parts, feats)
-        feats = torch.stack(parts, dim=1).flatten(0, 1)  # (per, world, dim): row q*world + r is image q*world + r
-    return feats[:n]
+    if world > 1:  # (per, world, dim): row q * world + r is image q * world + r
+        feats, labels = (torch.stack(gather_all(t), dim=1).flatten(0, 1) for t in (feats, labels))
+    feats, labels = feats[:n], labels[:n]
+    keep = labels != -2
+    if not keep.all() and rank == 0:
+        tqdm.write(f"warning: {(~keep).sum().item()} unreadable images of {dataset.root} left out", file=sys.stderr)
+    return feats[keep], labels[keep]
+
+
+def gather_all(t):  # every rank's t, in rank order
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return parts
 
 
 # -----------------------------------------------------------------------------
-# out_dir: one run at a time, files written whole
+# out_dir: one run at a time, files written whole, no run writes into another's files
+RUN_FILES = re.compile(r"(ckpt_\d+|mae|head|ct|probe|logreg)\.pt|recon_\d+\.png|log\.txt|tb")
+
 
 def lock_out_dir(out_dir):
     """Rank 0: create out_dir and lock it until this process ends, so a second run into it is refused before it
@@ -591,10 +679,39 @@ def lock_out_dir(out_dir):
     atexit.register(lambda: os.getpid() == pid and os.path.exists(path) and os.remove(path))  # not in the workers
 
 
-def log_line(out_dir, entry):
-    """Rank 0: one JSON line appended to out_dir/log.txt."""
-    with open(os.path.join(out_dir, "log.txt"), "a") as f:
-        f.write(json.dumps(entry) + "\n")
+def claim_out_dir(out_dir, stage, append=False, resume="", ckpt_path=""):
+    """Rank 0, before the first write: a run never deletes, overwrites or appends to another run's files. A run that
+    continues a checkpoint of out_dir owns its files; one that appends to a log (an evaluation, or --resume auto after
+    a run of this stage that stopped before its first checkpoint) owns a log.txt whose lines are all of its stage."""
+    found = sorted(f for f in os.listdir(out_dir) if RUN_FILES.fullmatch(f))
+    if not found or ckpt_path and os.path.samefile(os.path.dirname(os.path.abspath(ckpt_path)), out_dir):
+        return
+    path = os.path.join(out_dir, "log.txt")
+    try:
+        stages = {json.loads(line).get("stage") for line in open(path)} if os.path.exists(path) else set()
+    except (ValueError, AttributeError):
+        stages = {None}
+    logs_only = not [f for f in found if f.endswith(".pt")] and (append or resume == "auto")
+    if not (logs_only and stages == {stage}):
+        fail(f"--out_dir {out_dir} holds another run's files ({', '.join(found[:3])}{', ...' * (len(found) > 3)}): "
+             + ("continue that run with --resume auto, or use another --out_dir" if not append else
+                "use another --out_dir"))
+
+
+def log_line(out_dir, stage, entry):
+    """Rank 0: one JSON line appended to out_dir/log.txt, the stage first. A full disk stops the run in one line and
+    leaves the file as it was."""
+    path, line = os.path.join(out_dir, "log.txt"), (json.dumps(dict(stage=stage, **entry)) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    size = os.fstat(fd).st_size
+    try:
+        if os.write(fd, line) != len(line):
+            raise OSError(28, os.strerror(28))  # ENOSPC, after a partial write
+    except OSError as e:
+        os.ftruncate(fd, size)
+        fail(f"cannot write {path}: {e.strerror} (its earlier lines and every checkpoint are intact)")
+    finally:
+        os.close(fd)
 
 
 def save_atomic(obj, path):
@@ -644,6 +761,11 @@ def random_resized_crop(rng, w, h, scale, ratio=(3 / 4, 4 / 3)):
 
 def flip_each(crops, rng):  # horizontal flip, p 0.5 per crop
     return [c.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else c for c in crops]
+
+
+def centre_square(rng, w, h):  # the centre square of the image: the k-NN monitor's crop
+    s = min(w, h)
+    return [((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)]
 
 
 class ShardSampler(torch.utils.data.Sampler):
@@ -696,31 +818,30 @@ def train_batches(loader, iter_num):
         yield from start_workers(loader)
 
 
-def find_resume(resume, out_dir, final_name, stage):
-    """-> (path, checkpoint) to continue, or ("", None). --resume auto: the finished run's file, else the newest
-    periodic checkpoint; one that does not read (truncated, another stage's) gives way to the one before it."""
-    if resume != "auto":
-        return resume, vit.load_checkpoint(resume, expect=stage) if resume else None
-    final = os.path.join(out_dir, final_name)
-    paths = [final] * os.path.exists(final) + sorted(glob.glob(os.path.join(out_dir, "ckpt_*.pt")))[::-1]
-    for path, previous in zip(paths, paths[1:] + [None]):
-        try:
-            return path, vit.load_checkpoint(path, expect=stage)
-        except ValueError as e:
-            if previous is None:
-                raise
-            if int(os.environ.get("RANK", 0)) == 0:
-                print(f"warning: {e}; resuming from the previous checkpoint {previous}", file=sys.stderr)
-    return "", None
-
-
 def start_run(args, stage, final_name, resume_flags):
-    """Rank 0 locks out_dir; every rank finds the checkpoint to continue (--resume), which must have been made with
-    the same resume_flags. -> (path, checkpoint) or ("", None)"""
+    """Rank 0 locks out_dir; every rank finds the checkpoint to continue: --resume PATH, or auto: the finished run's
+    file, else the newest periodic checkpoint (one that does not read, truncated, gives way to the one before it).
+    It must have been made with the same resume_flags. -> (path, checkpoint) or ("", None)"""
     if int(os.environ.get("RANK", 0)) == 0:
         lock_out_dir(args.out_dir)
+    path, ckpt, final = args.resume, None, os.path.join(args.out_dir, final_name)
     try:
-        path, ckpt = find_resume(args.resume, args.out_dir, final_name, stage)
+        if args.resume and args.resume != "auto":
+            ckpt = vit.load_checkpoint(path, expect=stage)
+        paths = [final] * os.path.exists(final) + sorted(glob.glob(os.path.join(args.out_dir, "ckpt_*.pt")))[::-1]
+        for path, previous in zip(paths, paths[1:] + [None]) if args.resume == "auto" else ():
+            try:
+                ckpt = vit.load_checkpoint(path)
+            except ValueError as e:
+                if previous is None:
+                    raise
+                if int(os.environ.get("RANK", 0)) == 0:
+                    print(f"warning: {e}; resuming from the previous checkpoint {previous}", file=sys.stderr)
+                continue
+            if ckpt.get("stage") != stage:
+                raise ValueError(f"--out_dir {args.out_dir} holds another stage's files ({path} is a "
+                                 f"{ckpt.get('stage', 'foreign')} checkpoint): use another --out_dir")
+            break
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     for k in resume_flags if ckpt is not None else ():
@@ -728,33 +849,64 @@ def start_run(args, stage, final_name, resume_flags):
             fail(f"{path} was made with --{k} {ckpt['args'].get(k)}, this run has --{k} {getattr(args, k)}")
     if ckpt is not None and int(os.environ.get("RANK", 0)) == 0:
         print(f"resuming from {path} at iteration {ckpt['iter_num']}")
-    return path, ckpt
+    return (path, ckpt) if ckpt is not None else ("", None)
 
 
 class Run:
-    """The bookkeeping of a training loop, so that the loop itself shows the method: the progress bar and the log
-    line, a non-finite check and the stop signals read at log steps only (a read every step would make the CPU wait
-    for the GPU, and the GPU then for the CPU's next launches), the nearest-neighbour accuracy monitor of stages 2
-    and 3 (per step, per log window and per epoch), and the one save-or-stop path."""
+    """The bookkeeping of a training loop, so that the loop itself shows the method: out_dir's ownership, the data
+    the run continues on, the progress bar, the log line (and TensorBoard), a non-finite check and the stop signals
+    read at log steps only (a read every step would make the CPU wait for the GPU, and the GPU then for the CPU's
+    next launches), stage 2 and 3's nearest-neighbour accuracy (per step, log window and epoch), the save-or-stop
+    path, and the rotation of this run's own periodic checkpoints."""
 
-    def __init__(self, args, ckpt, iter_num, max_iters, steps_per_epoch, device, nn_acc=False):
-        self.args, self.out_dir, self.max_iters, self.steps_per_epoch = args, args.out_dir, max_iters, steps_per_epoch
-        self.device, self.master, self.nn_acc = device, int(os.environ.get("RANK", 0)) == 0, nn_acc
-        self.nonfinite_at = torch.tensor(-1, device=device)  # the first iteration with a non-finite loss
+    def __init__(self, args, stage, resume_path, ckpt, iter_num, max_iters, steps_per_epoch, data, device,
+                 nn_acc=False):
+        self.args, self.stage, self.out_dir, self.max_iters = args, stage, args.out_dir, max_iters
+        self.steps_per_epoch, self.device, self.master = steps_per_epoch, device, int(os.environ.get("RANK", 0)) == 0
+        self.data = [d.fingerprint() for d in data]
+        if ckpt is not None and ckpt.get("data", self.data) != self.data:
+            counts = [" + ".join(str(d["images"]) for d in x) for x in (ckpt["data"], self.data)]
+            fail(f"{resume_path} was made on other images than --data_path {args.data_path} holds ({counts[0]} "
+                 f"images then, {counts[1]} now, or other names): resume on those images, or start a new run in "
+                 f"another --out_dir")
+        if self.master:
+            claim_out_dir(self.out_dir, stage, resume=args.resume, ckpt_path=resume_path)
+        own = ckpt is not None and os.path.samefile(os.path.dirname(os.path.abspath(resume_path)), self.out_dir)
+        self.ckpts = list(ckpt.get("ckpts", [os.path.basename(resume_path)] * ("ckpt_" in resume_path))) if own else []
+        self.written = ckpt is not None  # a good checkpoint to point to
+        self.nn_acc = nn_acc and all(d.classes for d in data)  # without labels there is nothing to count
+        if nn_acc and not self.nn_acc and self.master:
+            print(f"no class folders in {data[0].root}: the nearest-neighbour accuracy monitor is off")
         self.monitor = dict(ckpt["monitor"]) if ckpt and nn_acc else dict(epoch=-1, correct=0.0, count=0)
         self.pending, self.window = [], []  # accuracies per step: still on the device / since the last log line
+        self.nonfinite_at = torch.tensor(-1, device=device)  # the first iteration with a non-finite loss
+        self.tb = None
+        if getattr(args, "tensorboard", 0) and self.master:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                fail("--tensorboard 1 needs the tensorboard package: pip install tensorboard")
+            self.tb = SummaryWriter(os.path.join(self.out_dir, "tb"), purge_step=iter_num or None)
         self.pbar = tqdm(total=max_iters, initial=iter_num, disable=not self.master, dynamic_ncols=True)
-        self.t0, self.images, self.at_log = time.time(), 0, False
+        self.t0, self.images, self.at_log, self.postfix, self.knn_top1 = time.time(), 0, False, {}, None
 
-    def log(self, entry):
+    def log(self, entry, image=None):  # rank 0: a log line (and its numbers, an image, to TensorBoard)
         if self.master:
-            log_line(self.out_dir, entry)
+            log_line(self.out_dir, self.stage, entry)
+        if self.tb is not None:
+            for k, v in entry.items():
+                for i, x in enumerate(v if isinstance(v, list) else [v]):
+                    if k not in ("iter", "epoch") and isinstance(x, (int, float)):
+                        self.tb.add_scalar(f"{k}/{i}" if isinstance(v, list) else k, x, entry["iter"])
+            if image is not None:
+                self.tb.add_image(image[0], np.asarray(image[1]), entry["iter"], dataformats="HWC")
+            self.tb.flush()
 
     def check_finite(self):  # every rank, at log steps and before each checkpoint or evaluation
         if self.nonfinite_at.item() >= 0:
             self.pbar.close()  # the error on its own line
-            fail(f"non-finite loss at iteration {self.nonfinite_at.item()}; the last good checkpoint is in "
-                 f"{self.out_dir}")
+            fail(f"non-finite loss at iteration {self.nonfinite_at.item()}; " + (
+                f"the last good checkpoint is in {self.out_dir}" if self.written else "no checkpoint was written yet"))
 
     def flush_acc(self):  # pending -> the log window and the epoch's monitor, in one device read
         vals = torch.stack(self.pending).tolist() if self.pending else []
@@ -763,17 +915,17 @@ class Run:
         self.monitor["correct"] += sum(vals)
         self.monitor["count"] += len(vals)
 
-    def step(self, iter_num, loss, lr=None, acc=None):
+    def step(self, iter_num, loss, lr=None, acc=None, grad_norm=None):
         """After each optimizer step: loss (the step's, a device scalar or vector), the lr, acc (stages 2 and 3: the
-        step's nearest-neighbour accuracy). At log steps the log line; at epoch ends the epoch's accuracy."""
+        step's nearest-neighbour accuracy), the gradient norm (with --clip_grad). At log steps the log line; at epoch
+        ends the epoch's accuracy."""
         self.nonfinite_at = torch.where((self.nonfinite_at < 0) & ~torch.isfinite(loss).all(), iter_num - 1,
                                         self.nonfinite_at)
         self.images += self.args.batch_size
         self.pbar.update(1)
-        epoch = (iter_num - 1) // self.steps_per_epoch
         if self.nn_acc:
-            if self.monitor["epoch"] != epoch:
-                self.monitor = dict(epoch=epoch, correct=0.0, count=0)
+            if self.monitor["epoch"] != (iter_num - 1) // self.steps_per_epoch:
+                self.monitor = dict(epoch=(iter_num - 1) // self.steps_per_epoch, correct=0.0, count=0)
             self.pending.append(acc)
         self.at_log = iter_num % self.args.log_interval == 0 or iter_num == self.max_iters
         if self.at_log:
@@ -789,47 +941,64 @@ class Run:
                 self.flush_acc()
                 entry["nn_acc"] = round(sum(self.window) / len(self.window), 4)
                 self.window.clear()
-            if lr is not None:
-                entry["lr"] = lr
-            entry["img_per_s"] = round(self.images / (time.time() - self.t0), 1)
-            self.pbar.set_postfix(loss=f"{min(loss) if isinstance(loss, list) else loss:.4f}",
-                                  **{k: f"{entry[k]:.3f}" for k in ("nn_acc",) if k in entry},
-                                  **({"lr": f"{lr:.2e}"} if lr is not None else {}), img_s=f"{entry['img_per_s']:.0f}")
+            entry.update({} if lr is None else dict(lr=lr), img_per_s=round(self.images / (time.time() - self.t0), 1))
+            if grad_norm is not None:
+                entry["grad_norm"] = round(grad_norm.item(), 5)
+            self.postfix.update(loss=f"{min(loss) if isinstance(loss, list) else loss:.4f}",
+                                **{k: f"{entry[k]:.3f}" for k in ("nn_acc",) if k in entry},
+                                **({"lr": f"{lr:.2e}"} if lr is not None else {}), img_s=f"{entry['img_per_s']:.0f}")
+            self.pbar.set_postfix(self.postfix)
             self.log(entry)
             self.t0, self.images = time.time(), 0
-        if self.nn_acc and iter_num % self.steps_per_epoch == 0:  # an epoch's end: the accuracy of all its steps
-            self.flush_acc()
-            nn_acc_epoch = self.monitor["correct"] / max(1, self.monitor["count"])
-            self.log(dict(iter=iter_num, epoch=iter_num // self.steps_per_epoch, nn_acc_epoch=round(nn_acc_epoch, 4)))
-            if self.master:
-                self.pbar.write(f"epoch {iter_num // self.steps_per_epoch}: nearest-neighbour accuracy "
-                                f"{nn_acc_epoch:.4f}")
+
+    def show(self, msg, **postfix):  # rank 0: a line above the progress bar, and numbers in it
+        self.postfix.update(postfix)
+        if self.master:
+            self.pbar.write(msg)
+            self.pbar.set_postfix(self.postfix)
 
     def save(self, name, checkpoint):
-        """Every rank checks, rank 0 writes checkpoint() (plus the monitor); the newest keep_last periodic ones stay."""
+        """Every rank checks, rank 0 writes checkpoint() with the run's own state; of the periodic checkpoints this
+        run wrote, the newest keep_last stay."""
         self.check_finite()
         self.flush_acc()
+        ckpts = self.ckpts + [name] * (name.startswith("ckpt_") and name not in self.ckpts)
+        keep = ckpts[-self.args.keep_last:] if self.args.keep_last else ckpts
         if self.master:
-            ckpt = checkpoint()
+            ckpt = dict(checkpoint(), data=self.data, ckpts=keep)
             if self.nn_acc:
                 ckpt["monitor"] = dict(self.monitor)
             save_atomic(ckpt, os.path.join(self.out_dir, name))
-            for old in sorted(glob.glob(os.path.join(self.out_dir, "ckpt_*.pt")))[:-self.args.keep_last]:
-                os.remove(old)
+            for old in ckpts[:len(ckpts) - len(keep)]:
+                if os.path.exists(os.path.join(self.out_dir, old)):
+                    os.remove(os.path.join(self.out_dir, old))
+        self.ckpts, self.written = keep, True
 
     def save_or_stop(self, iter_num, checkpoint, evaluate=None):
         """The one save-or-stop path, after step(): a stop is read at log steps before the last (the last writes the
-        final file); the checkpoint due at this step is written before the evaluation due, so that a bad val image
-        cannot cost the training; then the stop: every rank leaves, exit 0."""
+        final file). The checkpoint due at this step, or before an evaluation that reads images (a bad val image
+        cannot cost the training), then the evaluation, then the stop: every rank leaves, exit 0."""
         stop = self.at_log and iter_num < self.max_iters and stop_requested(self.device)
-        if iter_num < self.max_iters and (iter_num % self.args.ckpt_interval == 0 or stop):
+        if iter_num < self.max_iters and (iter_num % self.args.ckpt_interval == 0 or stop or evaluate is not None):
             self.save(f"ckpt_{iter_num:08d}.pt", checkpoint)
-        if evaluate is not None and iter_num < self.max_iters:
-            self.check_finite()  # every rank; nothing is evaluated from non-finite weights
-            evaluate()
+        if evaluate is not None and iter_num < self.max_iters and not stop:
+            self.evaluate(evaluate, iter_num)
+        if self.nn_acc and iter_num % self.steps_per_epoch == 0:  # an epoch's end: the accuracy of all its steps
+            self.flush_acc()
+            acc, epoch = self.monitor["correct"] / max(1, self.monitor["count"]), iter_num // self.steps_per_epoch
+            self.log(dict(iter=iter_num, epoch=epoch, nn_acc_epoch=round(acc, 4)))
+            self.show(f"epoch {epoch}: nearest-neighbour accuracy {acc:.4f}" +
+                      (f", k-NN top-1 {self.knn_top1:.2f}" if self.knn_top1 is not None else ""))
         if stop:
             leave(f"stopped by signal at iteration {iter_num}; to continue, run the same command with --resume auto")
             sys.exit(0)
+
+    def evaluate(self, evaluate, iter_num):
+        self.check_finite()  # every rank; nothing is evaluated from non-finite weights
+        try:
+            evaluate()
+        except Stop as e:  # in an evaluation's feature extraction: the checkpoint of this step is written
+            raise Stop(f"{e} at iteration {iter_num}; to continue, run the same command with --resume auto") from None
 
     def finish(self, final_name, checkpoint, after=None):
         """The final file, then after() (the last evaluation, a summary), then every rank leaves."""
@@ -838,9 +1007,58 @@ class Run:
         if self.master:
             print(f"wrote {os.path.join(self.out_dir, final_name)}")
         if after is not None:
-            self.check_finite()
-            after()
+            self.evaluate(after, self.max_iters)
         leave()
+
+
+def clip_grad(params, max_norm, scaler, optimizer):
+    """--clip_grad: the gradients' total norm clipped to max_norm, after the fp16 scaler's unscale -> the norm before
+    clipping (on the device: read at log steps), or None when off."""
+    if not max_norm:
+        return None
+    scaler.unscale_(optimizer)
+    return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def due(iter_num, *evaluations):
+    """(interval, fn) pairs -> one callable of the evaluations due at this step, or None (interval 0, fn None: off)."""
+    fns = [fn for interval, fn in evaluations if interval and fn and iter_num % interval == 0]
+    return (lambda: [fn() for fn in fns]) if fns else None
+
+
+class KnnMonitor:
+    """--knn_interval: k-NN top-1 (k 10, weights exp(sim / 0.07), L2-normalised pooled features: knn.py's rule, ties
+    aside) of an encoder on fixed seeded subsets of train (the bank) and val (the queries), centre squares. The same
+    number on any number of processes: the features are gathered in the subsets' order."""
+
+    def __init__(self, args, img_size, device, autocast):
+        self.args, self.device, self.autocast, self.sets, self.loaders = args, device, autocast, [], []
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        for split, size in (("train", args.knn_bank), ("val", args.knn_queries)):
+            ds = ImageFolder(split_folder(args.data_path, split), img_size, centre_square, None, 0,
+                             args.skip_bad_images, resize=device == "cpu", leave_out=True)
+            if not ds.classes:
+                fail(f"--knn_interval needs class folders in {ds.root}: the monitor counts labels")
+            ds.samples = [ds.samples[i] for i in sorted(random.Random(args.seed).sample(range(len(ds)),
+                                                                                         min(size, len(ds))))]
+            self.sets.append(ds)
+            self.loaders.append(make_loader(ds, max(1, 256 // world), [(0, i) for i in range(rank, len(ds), world)],
+                                            args.num_workers, device))
+        if self.sets[0].classes != self.sets[1].classes:
+            fail(f"train and val class folders differ: {sorted(set(self.sets[0].classes) ^ set(self.sets[1].classes))}")
+
+    @torch.no_grad()
+    def __call__(self, encode, dim, pool):
+        """encode: images -> tokens (B, 1+N, D). -> top-1 (%)"""
+        (bank, bank_labels), (queries, labels) = (
+            extract_features(encode, ds, pool, dim, 256, 0, self.device, self.autocast, desc, loader)
+            for ds, loader, desc in zip(self.sets, self.loaders, ("k-NN bank", "k-NN queries")))
+        bank, queries = F.normalize(bank, dim=1), F.normalize(queries, dim=1)
+        votes = torch.zeros(len(queries), len(self.sets[0].classes), device=self.device)
+        for s in range(0, len(queries), 1024):  # (c, bank) similarities, block by block
+            sim, idx = (queries[s:s + 1024] @ bank.T).topk(min(10, len(bank)), dim=1)
+            votes[s:s + 1024].scatter_add_(1, bank_labels[idx], (sim / 0.07).exp())
+        return 100.0 * (votes.argmax(1) == labels).double().mean().item()
 
 # ---- end of training only ----
 
@@ -850,5 +1068,11 @@ if __name__ == "__main__":
         main(parser.parse_args())
     except UnreadableImage as e:  # one line, as for every bad input
         fail(str(e))
+    except Stop as e:  # stopped in a feature extraction: nothing half-written
+        leave(str(e))
+        sys.exit(0)
+    except KeyboardInterrupt:  # the second Ctrl-C
+        tqdm.write("stopped at once by a second Ctrl-C; what the last checkpoint holds is kept", file=sys.stderr)
+        sys.exit(130)
     finally:
         shut_down()

@@ -293,9 +293,14 @@ def test_bad_layouts_fail_before_training(tmp_path):
     os.makedirs(os.path.join(data, "train", "empty_class"))
     fails_with(tmp_path, data, match="empty_class holds no images")
     os.rmdir(os.path.join(data, "train", "empty_class"))
-    os.rename(os.path.join(data, "val"), os.path.join(data, "valid"))
-    fails_with(tmp_path, data, match="missing split folder")
     fails_with(tmp_path, str(tmp_path / "nowhere"), match="missing split folder")
+    # val/ is optional: without it, no val loss and no picture, said in the start line
+    os.rename(os.path.join(data, "val"), os.path.join(data, "valid"))
+    p = run_script("mae_pretrain.py", "--data_path", data, "--out_dir", str(tmp_path / "noval"), *TINY,
+                   "--batch_size", "8", "--epochs", "1", "--eval_interval", "1")
+    assert "no val/: no val loss or reconstructions" in p.stdout
+    assert not [f for f in os.listdir(tmp_path / "noval") if f.startswith("recon_")]
+    assert not [e for e in read_log(str(tmp_path / "noval")) if "val_loss" in e]
 
 
 def test_bad_flags_and_checkpoints(tmp_path, image_folder):
