@@ -704,8 +704,9 @@ def quiet_worker(worker_id):
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     if sys.platform == "linux":  # PR_SET_PDEATHSIG = 1: SIGKILL when the parent ends, however it ends
         ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))
-        if os.getppid() == 1:  # the parent ended before that call
-            os._exit(0)
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # the parent ended while this worker started
+        os._exit(0)
 
 
 def make_loader(dataset, batch_size, sampler, num_workers, device, persistent=True):

@@ -1,21 +1,24 @@
 """
-k-NN classification with a frozen encoder (DINO / MAE-CT protocol): the train split is the bank, the val split the
-queries; centre-crop features, pooled, L2-normalised, cosine similarity; the k nearest bank images vote for their
-class with weight exp(sim / T).
+k-NN classification and k-means clustering of a frozen encoder's features. k-NN (DINO / MAE-CT protocol): the train
+split is the bank, the val split the queries; centre-crop features, pooled, L2-normalised, cosine similarity; the k
+nearest bank images vote for their class with weight exp(sim / T). --kmeans: k-means on the L2-normalised features of
+one split (k-means++ starts, Lloyd's iterations), scored against the classes: ACC (clusters matched one-to-one to
+classes, Hungarian), NMI (arithmetic mean normalisation) and ARI; several seeded runs, their mean and best.
 
-    python knn.py --data_path DATA --init out/ct/ct.pt
-    torchrun --nproc_per_node 8 knn.py --data_path DATA --init ct.pt --pool mean --k 10 20   # features in shares
+    python knn.py --data_path DATA --init out/ct/ct.pt --pool mean --k 10 20
+    python knn.py --data_path DATA --init out/ct/ct.pt --pool mean --kmeans --kmeans_runs 5
+    torchrun --nproc_per_node 8 knn.py --data_path DATA --init ct.pt    # features in shares, the same result
 
 --init takes any checkpoint vit.load_encoder reads: this project's mae.pt / ct.pt (--which ema|online),
-facebookresearch/mae's, the MAE-CT releases. Prints top-1 per k; with --out_dir, appends a JSON line to
-out_dir/log.txt.
+facebookresearch/mae's, the MAE-CT releases. Prints top-1 per k (or the clustering table); with --out_dir, appends
+a JSON line to out_dir/log.txt.
 """
 import argparse
 import atexit
 import ctypes
 import fcntl
-import hashlib
 import functools
+import hashlib
 import json
 import math
 import multiprocessing.resource_tracker
@@ -37,7 +40,7 @@ from tqdm import tqdm
 import vit
 
 # -----------------------------------------------------------------------------
-# the method: the k-NN vote on L2-normalised features (REFERENCE §5), and the evaluation crop
+# the method: the k-NN vote and k-means on L2-normalised features (REFERENCE §5), their scores, the evaluation crop
 
 
 def prepare_features(bank, queries, standardize=False):
@@ -86,6 +89,86 @@ def knn_classify(bank, bank_labels, queries, ks, temperature, num_classes, chunk
     return {k: torch.cat(p) for k, p in preds.items()}
 
 
+def sq_dists_argmin(x, centroids, chunk):
+    """For every row of x (N, D), the nearest centroid (C, D) and its squared distance, chunk rows at a time: the
+    (N, C) distance matrix is never built whole. -> (N,) int64, (N,) float32"""
+    cn = centroids.square().sum(1)  # ||c||^2
+    idx, d2 = torch.empty(len(x), dtype=torch.long, device=x.device), torch.empty(len(x), device=x.device)
+    for s in range(0, len(x), chunk):
+        d = cn - 2 * x[s:s + chunk] @ centroids.T  # (c, C): ||x - c||^2 - ||x||^2
+        best = d.min(dim=1)
+        idx[s:s + chunk] = best.indices
+        d2[s:s + chunk] = (best.values + x[s:s + chunk].square().sum(1)).clamp_(min=0)
+    return idx, d2
+
+
+@torch.no_grad()
+def kmeans(x, k, seed, max_iters=300, chunk=None):
+    """k-means of x (N, D) float32: a k-means++ start (the first centre uniform, each next one drawn with probability
+    proportional to the squared distance to the nearest centre so far; seeded), then Lloyd's iterations until no
+    assignment changes, or max_iters. Centroids in float32, their sums in float64. A cluster left empty is re-seeded
+    with the point farthest from its own centroid (the farthest ones, for several), as scikit-learn does.
+    -> (assignment (N,) int64, centroids (k, D), inertia, iterations, converged)"""
+    g = torch.Generator(device=x.device).manual_seed(seed)
+    chunk = chunk or max(1, 2 ** 26 // k)  # rows per distance block: 2^26 floats (256 MB)
+    centroids = x[torch.randint(len(x), (1,), generator=g, device=x.device)]
+    d2 = sq_dists_argmin(x, centroids, chunk)[1].double()
+    for _ in range(1, k):
+        pick = torch.multinomial(d2 / d2.sum() if d2.sum() > 0 else torch.ones_like(d2), 1, generator=g)
+        centroids = torch.cat([centroids, x[pick]])
+        d2 = torch.minimum(d2, sq_dists_argmin(x, x[pick], chunk)[1].double())
+    assign, converged = None, False
+    for it in range(1, max_iters + 1):
+        new, d2 = sq_dists_argmin(x, centroids, chunk)
+        if assign is not None and torch.equal(new, assign):
+            converged = True
+            break
+        assign = new
+        sums = torch.zeros(k, x.shape[1], dtype=torch.float64, device=x.device)
+        for s in range(0, len(x), chunk):
+            sums.index_add_(0, assign[s:s + chunk], x[s:s + chunk].double())
+        counts = torch.bincount(assign, minlength=k)
+        centroids = (sums / counts.clamp(min=1)[:, None]).float()
+        empty = (counts == 0).nonzero()[:, 0]
+        if len(empty):
+            centroids[empty] = x[d2.topk(len(empty)).indices]
+    return assign, centroids, d2.double().sum().item(), it - converged, converged
+
+
+def contingency(clusters, labels):
+    """(clusters, classes) counts of the two labelings, int64 numpy."""
+    c, y = np.unique(clusters, return_inverse=True)[1], np.unique(labels, return_inverse=True)[1]
+    table = np.zeros((c.max() + 1, y.max() + 1), dtype=np.int64)
+    np.add.at(table, (c, y), 1)
+    return table
+
+
+def cluster_scores(clusters, labels):
+    """ACC, NMI and ARI (%) of a clustering against the classes. ACC: the clusters matched one-to-one to the classes
+    so that the most images agree (the Hungarian algorithm: scipy's linear_sum_assignment), the fraction matched. NMI:
+    mutual information / the arithmetic mean of the two entropies (scikit-learn's default). ARI: the Rand index
+    adjusted for chance."""
+    try:
+        from scipy.optimize import linear_sum_assignment
+    except ImportError:
+        fail("--kmeans needs scipy, for the matching of clusters to classes: pip install scipy")
+    table = contingency(clusters, labels)
+    n = table.sum()
+    rows, cols = linear_sum_assignment(-table)
+    acc = table[rows, cols].sum() / n
+    p, a, b = table / n, table.sum(1) / n, table.sum(0) / n
+    nz = p > 0
+    mi = (p[nz] * np.log(p[nz] / np.outer(a, b)[nz])).sum()
+    h = [-(q[q > 0] * np.log(q[q > 0])).sum() for q in (a, b)]
+    nmi = 1.0 if h[0] == h[1] == 0 else mi / ((h[0] + h[1]) / 2)
+    pairs = lambda m: (m * (m - 1) / 2).sum()  # noqa: E731  (pairs within the same group)
+    both, pa, pb = pairs(table.astype(np.float64)), pairs(table.sum(1).astype(np.float64)), \
+        pairs(table.sum(0).astype(np.float64))
+    expected, top = pa * pb / (n * (n - 1) / 2), (pa + pb) / 2
+    ari = 1.0 if top == expected else (both - expected) / (top - expected)
+    return 100 * acc, 100 * nmi, 100 * ari
+
+
 def centre_crop(rng, w, h, crop_pct):
     """The centre box of side crop_pct x the shorter side, resized to img_size (bicubic) in one resample: "resize
     the shorter side to img_size / crop_pct, centre crop img_size" without the intermediate rounding. With crop_pct
@@ -109,6 +192,12 @@ parser.add_argument("--k", type=int, nargs="+", default=[10, 20], help="neighbou
 parser.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(sim / T)")
 parser.add_argument("--standardize", type=int, default=0, help="1: standardise with the bank's mean / std first")
 parser.add_argument("--chunk", type=int, default=1024, help="queries per similarity block (chunk x bank x 4 bytes)")
+parser.add_argument("--kmeans", type=int, nargs="?", const=0, default=None,
+                    help="cluster instead of k-NN: into this many clusters (no value: as many as classes)")
+parser.add_argument("--split", default="val", choices=["val", "train"], help="k-means: the images to cluster")
+parser.add_argument("--kmeans_runs", type=int, default=5, help="k-means: seeded runs (seeds seed, seed + 1, ...)")
+parser.add_argument("--kmeans_iters", type=int, default=300, help="k-means: the cap on Lloyd's iterations")
+parser.add_argument("--seed", type=int, default=0, help="k-means: the first run's seed")
 parser.add_argument("--batch_size", type=int, default=256, help="images per feature-extraction step, all processes")
 parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
 parser.add_argument("--compile", type=int, default=0)
@@ -118,58 +207,93 @@ parser.add_argument("--skip_bad_images", type=int, default=0, help="1: log unrea
 
 
 # -----------------------------------------------------------------------------
+def classify(args, bank, bank_labels, queries, labels, classes, info):
+    """Rank 0: the k-NN vote for every k at once, the top-1 table, the log line."""
+    ks = sorted(set(args.k))
+    preds = knn_classify(bank, bank_labels, queries, ks, args.temperature, classes, args.chunk)
+    top1 = {k: 100.0 * (preds[k] == labels).double().mean().item() for k in ks}
+    print(f"{'k':>5}  top-1 (%)")
+    for k in ks:
+        print(f"{k:>5}  {top1[k]:.2f}")
+    if args.out_dir:
+        log_line(args.out_dir, "knn", dict(knn_top1={str(k): round(top1[k], 4) for k in ks},
+                                           temperature=args.temperature, standardize=args.standardize,
+                                           bank=len(bank), queries=len(queries), **info))
+
+
+def cluster(args, feats, labels, clusters, info):
+    """Rank 0: --kmeans_runs seeded k-means runs on the features; per run and over the runs ACC, NMI, ARI."""
+    runs = []
+    for r in range(args.kmeans_runs):
+        assign, _, inertia, iters, converged = kmeans(feats, clusters, args.seed + r, args.kmeans_iters)
+        acc, nmi, ari = cluster_scores(assign.cpu().numpy(), labels.cpu().numpy())
+        runs.append(dict(seed=args.seed + r, iters=iters, converged=converged, inertia=round(inertia, 4),
+                         acc=round(acc, 4), nmi=round(nmi, 4), ari=round(ari, 4)))
+    print(f"{'run':>5} {'seed':>5} {'iterations':>11} {'ACC':>7} {'NMI':>7} {'ARI':>7}   ({clusters} clusters of "
+          f"{len(feats)} {args.split} images)")
+    for i, r in enumerate(runs):
+        its = f"{r['iters']}" + ("" if r["converged"] else " (cap)")
+        print(f"{i:>5} {r['seed']:>5} {its:>11} {r['acc']:>7.2f} {r['nmi']:>7.2f} {r['ari']:>7.2f}")
+    stats = {m: dict(mean=round(sum(r[m] for r in runs) / len(runs), 4), best=max(r[m] for r in runs))
+             for m in ("acc", "nmi", "ari")}
+    for row in ("mean", "best"):
+        print(f"{row:>5} {'':>5} {'':>11} " + " ".join(f"{stats[m][row]:>7.2f}" for m in ("acc", "nmi", "ari")))
+    if args.out_dir:
+        log_line(args.out_dir, "kmeans", dict(kmeans=dict(clusters=clusters, split=args.split, **stats, runs=runs),
+                                              images=len(feats), **info))
+
+
 def main(args):
     check_flags(args, [
-        ("k batch_size chunk", ">= 1", lambda v: v >= 1),
+        ("k batch_size chunk kmeans_runs kmeans_iters", ">= 1", lambda v: v >= 1),
         ("img_size heads", ">= 0", lambda v: v >= 0),
         ("temperature", "> 0", lambda v: v > 0),
         ("crop_pct", "in (0, 1]", lambda v: 0 < v <= 1),
         ("standardize", "0 or 1", lambda v: v in (0, 1)),
-    ])
+    ] + [("kmeans", ">= 1 clusters (no value: as many as classes)", lambda v: v >= 0)] * (args.kmeans is not None))
     ddp, ddp_rank, ddp_world_size, device, dtype, autocast = compute_init(args, tf32=False)  # exact similarities
     master_process = ddp_rank == 0
     if args.batch_size % ddp_world_size != 0:
         fail(f"--batch_size {args.batch_size} is not divisible by processes ({ddp_world_size})")
     if master_process and args.out_dir:  # a line appended to out_dir/log.txt at the end
         lock_out_dir(args.out_dir)
-        claim_out_dir(args.out_dir, "knn", append=True)
+        claim_out_dir(args.out_dir, "knn" if args.kmeans is None else "kmeans", append=True)
 
     # encoder and data: every check before any feature is extracted
     try:
         encoder = vit.load_encoder(args.init, args.which, args.img_size or None, master_process, args.heads or None)
     except (ValueError, FileNotFoundError, KeyError) as e:
         fail(str(e))
-    img_size = encoder.args["img_size"]
-    crop = functools.partial(centre_crop, crop_pct=args.crop_pct)
-    bank_set, query_set = (ImageFolder(split_folder(args.data_path, split), img_size, crop, None, 0,
-                                       args.skip_bad_images, resize=device == "cpu", leave_out=True)
-                           for split in ("train", "val"))
-    if bank_set.classes != query_set.classes:
-        fail(f"train and val class folders differ: {sorted(set(bank_set.classes) ^ set(query_set.classes))[:6]}")
-    if max(args.k) > len(bank_set):
-        fail(f"--k {max(args.k)} is larger than the bank ({len(bank_set)} train images)")
+    img_size, crop = encoder.args["img_size"], functools.partial(centre_crop, crop_pct=args.crop_pct)
+    splits = ("train", "val") if args.kmeans is None else (args.split,)
+    sets = [ImageFolder(split_folder(args.data_path, s), img_size, crop, None, 0, args.skip_bad_images,
+                        resize=device == "cpu", leave_out=True) for s in splits]
+    classes = sets[0].classes
+    if not classes or sets[-1].classes != classes:
+        fail(f"{sets[0].root} holds no class folders" if not classes else
+             f"train and val class folders differ: {sorted(set(classes) ^ set(sets[-1].classes))[:6]}")
+    if args.kmeans is None and max(args.k) > len(sets[0]):
+        fail(f"--k {max(args.k)} is larger than the bank ({len(sets[0])} train images)")
+    clusters = args.kmeans or len(classes)
+    if args.kmeans is not None and clusters > len(sets[0]):
+        fail(f"--kmeans {clusters} clusters of {len(sets[0])} images: more clusters than images")
     encoder.to(device)
     if master_process:
-        print(f"k-NN: encoder {encoder.args} from {args.init} ({args.pool} pooling, {dtype}), {len(bank_set)} bank / "
-              f"{len(query_set)} query images, {len(bank_set.classes)} classes, {ddp_world_size} process(es)")
+        what = f"{len(sets[0])} bank / {len(sets[1])} query images" if args.kmeans is None else \
+            f"k-means into {clusters} clusters of {len(sets[0])} {args.split} images, {args.kmeans_runs} runs"
+        print(f"{'k-NN' if args.kmeans is None else 'clustering'}: encoder {encoder.args} from {args.init} "
+              f"({args.pool} pooling, {dtype}), {what}, {len(classes)} classes, {ddp_world_size} process(es)")
     model = torch.compile(encoder) if args.compile else encoder
-    (bank, bank_labels), (queries, query_labels) = (
-        extract_features(model, ds, args.pool, encoder.args["dim"], args.batch_size, args.num_workers, device, autocast,
-                         desc) for ds, desc in ((bank_set, "bank"), (query_set, "queries")))
-    bank, queries = prepare_features(bank, queries, standardize=bool(args.standardize))
-    # every rank holds all features; rank 0 classifies (the similarity pass is cheap next to the extraction)
-    if master_process:
-        ks = sorted(set(args.k))
-        preds = knn_classify(bank, bank_labels, queries, ks, args.temperature, len(bank_set.classes), args.chunk)
-        top1 = {k: 100.0 * (preds[k] == query_labels).double().mean().item() for k in ks}
-        print(f"{'k':>5}  top-1 (%)")
-        for k in ks:
-            print(f"{k:>5}  {top1[k]:.2f}")
-        if args.out_dir:
-            log_line(args.out_dir, "knn", dict(
-                knn_top1={str(k): round(top1[k], 4) for k in ks}, temperature=args.temperature, pool=args.pool,
-                standardize=args.standardize, init=args.init, which=args.which, bank=len(bank), queries=len(queries),
-                img_size=img_size, crop_pct=args.crop_pct))
+    descs = ("bank", "queries") if args.kmeans is None else splits
+    feats = [extract_features(model, ds, args.pool, encoder.args["dim"], args.batch_size, args.num_workers, device,
+                              autocast, desc) for ds, desc in zip(sets, descs)]
+    info = dict(pool=args.pool, init=args.init, which=args.which, img_size=img_size, crop_pct=args.crop_pct)
+    if master_process:  # every rank holds all features; rank 0 computes (cheap next to the extraction)
+        if args.kmeans is None:
+            bank, queries = prepare_features(feats[0][0], feats[1][0], standardize=bool(args.standardize))
+            classify(args, bank, feats[0][1], queries, feats[1][1], len(classes), info)
+        else:
+            cluster(args, F.normalize(feats[0][0], dim=1), feats[0][1], clusters, info)
     leave()
 
 
@@ -404,8 +528,9 @@ def quiet_worker(worker_id):
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     if sys.platform == "linux":  # PR_SET_PDEATHSIG = 1: SIGKILL when the parent ends, however it ends
         ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))
-        if os.getppid() == 1:  # the parent ended before that call
-            os._exit(0)
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # the parent ended while this worker started
+        os._exit(0)
 
 
 def make_loader(dataset, batch_size, sampler, num_workers, device, persistent=True):

@@ -49,9 +49,9 @@ from fractions import Fraction
 # stored in the manifest, so an output made by another version is not reused
 TOOL_VERSION = 1
 MANIFEST_NAME = "MANIFEST.json"
-# the extensions torchvision's ImageFolder accepts; in seeded mode only these
-# count as images, so a stray README or .DS_Store in a class dir is never drawn
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# the extensions the stage scripts read (torchvision's, and .gif); in seeded mode only these count as images, so a
+# stray README or .DS_Store in a class dir is never drawn, and probe.py --per_class draws the same files
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 SHOW = 5  # how many offending names an error message shows
 
 

@@ -9,13 +9,15 @@ stage's own output stays usable on its own.
     python pipeline.py --data_path ../shared/data/cifar10 --out_dir out/cifar10 ...  # README: the CIFAR-10 recipe
     python pipeline.py --data_path IMAGENET --model vit_b16 --nproc 8 ...             # one node of 8 GPUs
 
-A stage whose final file exists is skipped, and training stages run with --resume auto, so running the
-same command again after an interruption continues where it stopped.
+A stage whose output exists is skipped, and the training stages and the probe run with --resume auto, so running
+the same command again after an interruption continues where it stopped. out_dir/stages.json records the flags
+each stage ran with: a stage whose recorded flags differ from the new command's is refused in one line, not skipped.
 """
 import argparse
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,11 +57,12 @@ parser.add_argument("--crop_pct", type=float, default=1.0,
 parser.add_argument("--num_workers", type=int, default=2)
 parser.add_argument("--device", default="auto")
 parser.add_argument("--seed", type=int, default=0)
-for stage in ("mae", "head", "ct", "knn", "probe", "logreg"):
+parser.add_argument("--kmeans_runs", type=int, default=5, help="k-means clustering: seeded runs per encoder (0: skip)")
+for stage in ("mae", "head", "ct", "knn", "probe", "logreg", "kmeans"):
     parser.add_argument(f"--{stage}_args", default="", help=f"extra flags for the {stage} stage, e.g. \"--blr 1e-3\"")
 args = parser.parse_args()
-if args.lowshot < 0 or (args.lowshot and args.lowshot_splits < 1):
-    sys.exit("error: --lowshot must be >= 0 and --lowshot_splits >= 1")
+if args.lowshot < 0 or (args.lowshot and args.lowshot_splits < 1) or args.kmeans_runs < 0:
+    sys.exit("error: --lowshot and --kmeans_runs must be >= 0, --lowshot_splits >= 1")
 
 
 def make_image_folder(root, classes=4, per_class=128, val_per_class=64, size=32, seed=0):
@@ -95,17 +98,51 @@ def fail(msg):  # one clear line, as the stage scripts do
     sys.exit(2)
 
 
+class Stopped(Exception):
+    pass
+
+
+def stop_between_stages(signum, frame):  # a signal while no stage runs ends pipeline.py; no stage is half-done
+    raise Stopped
+
+
+IGNORED = {"--num_workers", "--device", "--resume", "--log_interval", "--ckpt_interval", "--keep_last",
+           "--eval_interval", "--tensorboard", "--compile"}  # flags that do not change a stage's result
+
+
+def flag_values(cmd):
+    """A stage's command -> {flag: its values}, the last occurrence winning, as argparse reads it."""
+    flags, key = {}, None
+    for token in cmd:
+        if token.startswith("--"):
+            key = token
+            flags[key] = []
+        elif key is not None:
+            flags[key].append(token)
+    return {k: v for k, v in flags.items() if k not in IGNORED}
+
+
 def run(label, done, script, *flags):
-    """Run one stage unless done() finds its output; its wall time goes into `times`. A stage that fails stops the
-    pipeline, and so does one a signal stopped (it checkpoints and exits 0 without its output). SIGTERM / SIGUSR1
-    sent to pipeline.py while a stage runs are passed on to the stage, so a signal to pipeline.py alone
-    checkpoints too."""
+    """Run one stage unless done() finds its output (then the flags it ran with must be this command's); its wall
+    time goes into `times`. The stage runs in its own session: SIGTERM / SIGUSR1 / SIGINT sent to pipeline.py
+    (alone or with its process group, as timeout, SLURM or a terminal's Ctrl-C send them) reach it once, passed on
+    here. A stage that fails stops the pipeline, and so does one a signal stopped (it checkpoints and exits 0
+    without its output)."""
+    cmd = [script, *[str(f) for f in flags]]
     if done():
+        old = records.get(label)
+        if old is None:
+            print(f"note: stage {label} is done, with flags not recorded (out_dir/stages.json): kept as it is")
+            return
+        old, new = flag_values(old), flag_values(cmd)
+        for k in [k for k in new if old.get(k) != new[k]] + [k for k in old if k not in new]:
+            was, now = " ".join(old.get(k, ["(not given)"])), " ".join(new.get(k, ["(not given)"]))
+            fail(f"stage {label} was run with {k} {was}, this command gives {k} {now}: use another --out_dir, "
+                 f"or remove that stage's output to run it again")
         return
     launcher = [sys.executable] if args.nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                           f"--nproc_per_node={args.nproc}"]
-    cmd = launcher + [script, *[str(f) for f in flags]]
-    print(f"\n=== {label}: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+    print(f"\n=== {label}: {' '.join(shlex.quote(c) for c in launcher + cmd)}", flush=True)
     t0, p, stopped = time.time(), None, []
 
     def stop(signum, frame):
@@ -113,16 +150,29 @@ def run(label, done, script, *flags):
         if p is not None:
             p.send_signal(signum)
 
-    handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    p = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.abspath(__file__)))
+    handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    p = subprocess.Popen(launcher + cmd, cwd=os.path.dirname(os.path.abspath(__file__)), start_new_session=True)
     rc = p.wait()
-    for s, h in handlers.items():  # between stages a signal ends pipeline.py at once: no stage output is half-written
+    for s, h in handlers.items():
         signal.signal(s, h)
     if stopped or (rc == 0 and not done()):
         fail(f"stage {label} was interrupted; run the same command to continue")
     if rc != 0:
         fail(f"stage {label} failed (exit {rc}); run the same command to continue")
     times[label] = time.time() - t0
+    records[label] = cmd
+    write_atomic(os.path.join(out, "stages.json"), json.dumps(records, indent=1) + "\n")
+
+
+def write_atomic(path, text):  # a temp file renamed: a full disk leaves the previous file and says so in one line
+    try:
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        fail(f"cannot write {path}: {e.strerror} (the stages' outputs are intact)")
 
 
 def last_entry(log_path, key):
@@ -133,20 +183,30 @@ def last_entry(log_path, key):
     return found[-1] if found else None
 
 
+for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+    signal.signal(s, stop_between_stages)
 out = os.path.abspath(args.out_dir)
 os.makedirs(out, exist_ok=True)
-data = args.data_path
-if not data:
-    data = os.path.join(out, "data")
-    if not os.path.isdir(os.path.join(data, "val")):
-        print(f"generating a small image folder in {data}")
-        make_image_folder(data, size=2 * args.img_size, seed=args.seed)  # twice the model's size: see the docstring
+records = json.load(open(os.path.join(out, "stages.json"))) if os.path.exists(os.path.join(out, "stages.json")) else {}
+data = args.data_path or os.path.join(out, "data")
+try:
+    if not args.data_path and not os.path.isdir(data):  # generated whole into a temp folder, then renamed
+        print(f"generating a small image folder in {os.path.join(args.out_dir, 'data')}")
+        for old in (f for f in os.listdir(out) if f.startswith("data.tmp-")):  # left by a run stopped mid-way
+            shutil.rmtree(os.path.join(out, old))
+        tmp = os.path.join(out, f"data.tmp-{os.getpid()}")
+        make_image_folder(tmp, size=2 * args.img_size, seed=args.seed)  # twice the model's size: see the docstring
+        os.rename(tmp, data)
+except Stopped:
+    fail("stopped by signal while generating the image folder; run the same command to continue")
+except OSError as e:
+    fail(f"cannot write {e.filename or data}: {e.strerror} (run the same command to continue)")
 data = os.path.abspath(data)
 common = ["--data_path", data, "--num_workers", args.num_workers, "--device", args.device]
 seed = ["--seed", args.seed]  # knn.py draws nothing at random
 model = ["--model", args.model, "--img_size", args.img_size, "--patch_size", args.patch_size, "--dim", args.dim,
          "--depth", args.depth, "--heads", args.heads]
-extra = {s: shlex.split(getattr(args, f"{s}_args")) for s in ("mae", "head", "ct", "knn", "probe", "logreg")}
+extra = {s: shlex.split(getattr(args, f"{s}_args")) for s in ("mae", "head", "ct", "knn", "probe", "logreg", "kmeans")}
 if not args.data_path:  # the generated folder's recipe: 512 images, a few hundred steps; --X_args come later and win
     for s, flags in (("mae", "--views 1 --blr 1e-3 --warmup_epochs 2"), ("head", "--queue_size 256 --blr 4e-4"),
                      ("ct", "--blr 8e-3 --head_blr 8e-3 --encoder_ema 0.9 --topk 1")):
@@ -154,40 +214,50 @@ if not args.data_path:  # the generated folder's recipe: 512 images, a few hundr
 times = {}
 t_start = time.time()
 
-# 1-3: the three training stages, each skipped when its final file exists
-mae_pt, head_pt, ct_pt = (os.path.join(out, d, f) for d, f in (("mae", "mae.pt"), ("head", "head.pt"), ("ct", "ct.pt")))
-run("MAE pretraining", lambda: os.path.exists(mae_pt), "mae_pretrain.py", *common, *seed, *model,
-    "--out_dir", os.path.dirname(mae_pt), "--dec_dim", args.dec_dim, "--dec_depth", args.dec_depth,
-    "--dec_heads", args.dec_heads, "--mask_ratio", args.mask_ratio, "--epochs", args.mae_epochs,
-    "--batch_size", args.batch_size, "--resume", "auto", *extra["mae"])
-run("NNCLR head", lambda: os.path.exists(head_pt), "nnclr_head.py", *common, *seed, "--init", mae_pt,
-    "--out_dir", os.path.dirname(head_pt), "--epochs", args.head_epochs, "--batch_size", args.batch_size,
-    "--pool", args.pool, "--resume", "auto", *extra["head"])
-run("contrastive tuning", lambda: os.path.exists(ct_pt), "contrastive_tune.py", *common, *seed, "--init", mae_pt,
-    "--head", head_pt, "--out_dir", os.path.dirname(ct_pt), "--epochs", args.ct_epochs, "--batch_size", args.batch_size,
-    "--pool", args.pool, "--resume", "auto", *extra["ct"])
+try:
+    # 1-3: the three training stages, each skipped when its final file exists
+    mae_pt, head_pt, ct_pt = (os.path.join(out, d, f) for d, f in (("mae", "mae.pt"), ("head", "head.pt"),
+                                                                    ("ct", "ct.pt")))
+    run("MAE pretraining", lambda: os.path.exists(mae_pt), "mae_pretrain.py", *common, *seed, *model,
+        "--out_dir", os.path.dirname(mae_pt), "--dec_dim", args.dec_dim, "--dec_depth", args.dec_depth,
+        "--dec_heads", args.dec_heads, "--mask_ratio", args.mask_ratio, "--epochs", args.mae_epochs,
+        "--batch_size", args.batch_size, "--pool", args.pool, "--resume", "auto", *extra["mae"])
+    run("NNCLR head", lambda: os.path.exists(head_pt), "nnclr_head.py", *common, *seed, "--init", mae_pt,
+        "--out_dir", os.path.dirname(head_pt), "--epochs", args.head_epochs, "--batch_size", args.batch_size,
+        "--pool", args.pool, "--resume", "auto", *extra["head"])
+    run("contrastive tuning", lambda: os.path.exists(ct_pt), "contrastive_tune.py", *common, *seed, "--init", mae_pt,
+        "--head", head_pt, "--out_dir", os.path.dirname(ct_pt), "--epochs", args.ct_epochs,
+        "--batch_size", args.batch_size, "--pool", args.pool, "--resume", "auto", *extra["ct"])
 
-# 4: the evaluations of both encoders, each skipped when its log holds its result
-results = {}
-for enc, ckpt in (("MAE", mae_pt), ("MAE-CT", ct_pt)):
-    ev = os.path.join(out, f"eval_{enc.lower().replace('-', '')}")
-    knn_log, probe_log = (os.path.join(ev, d, "log.txt") for d in ("knn", "probe"))
-    logreg_logs = [os.path.join(ev, f"logreg_s{s}", "log.txt")
-                   for s in range(args.seed, args.seed + args.lowshot_splits)]
-    run(f"k-NN {enc}", lambda: last_entry(knn_log, "knn_top1"), "knn.py", *common, "--init", ckpt, "--pool", args.pool,
-        "--crop_pct", args.crop_pct, "--out_dir", os.path.dirname(knn_log), *extra["knn"])
-    run(f"linear probe {enc}", lambda: last_entry(probe_log, "best_top1"), "probe.py", *common, *seed, "--init", ckpt,
-        "--pool", args.pool, "--crop_pct", args.crop_pct, "--cached", 1, "--epochs", args.probe_epochs,
-        "--batch_size", args.batch_size, "--out_dir", os.path.dirname(probe_log), *extra["probe"])
-    for split_seed, logreg_log in zip(range(args.seed, args.seed + args.lowshot_splits), logreg_logs):
-        if args.lowshot:  # one random labelled subset per seed
+    # 4: the evaluations of both encoders, each skipped when its log holds its result
+    results = {}
+    splits = range(args.seed, args.seed + args.lowshot_splits) if args.lowshot else ()
+    for enc, ckpt in (("MAE", mae_pt), ("MAE-CT", ct_pt)):
+        ev = os.path.join(out, f"eval_{enc.lower().replace('-', '')}")
+        knn_log, probe_log, kmeans_log = (os.path.join(ev, d, "log.txt") for d in ("knn", "probe", "kmeans"))
+        logreg_logs = [os.path.join(ev, f"logreg_s{s}", "log.txt") for s in splits]
+        evaluate = [*common, "--init", ckpt, "--pool", args.pool, "--crop_pct", args.crop_pct]
+        run(f"k-NN {enc}", lambda: last_entry(knn_log, "knn_top1"), "knn.py", *evaluate,
+            "--out_dir", os.path.dirname(knn_log), *extra["knn"])
+        if args.kmeans_runs:
+            run(f"k-means {enc}", lambda: last_entry(kmeans_log, "kmeans"), "knn.py", *evaluate, "--kmeans",
+                "--kmeans_runs", args.kmeans_runs, "--out_dir", os.path.dirname(kmeans_log), *extra["kmeans"])
+        run(f"linear probe {enc}", lambda: last_entry(probe_log, "best_top1"), "probe.py", *evaluate, *seed,
+            "--cached", 1, "--epochs", args.probe_epochs, "--batch_size", args.batch_size,
+            "--out_dir", os.path.dirname(probe_log), "--resume", "auto", *extra["probe"])
+        for split_seed, logreg_log in zip(splits, logreg_logs):  # one labelled subset per seed
             run(f"low-shot {enc}, split {split_seed}", lambda: last_entry(logreg_log, "logreg_top1"), "probe.py",
-                *common, "--seed", split_seed, "--init", ckpt, "--pool", args.pool, "--crop_pct", args.crop_pct,
-                "--logreg", 1, "--per_class", args.lowshot, "--out_dir", os.path.dirname(logreg_log), *extra["logreg"])
-    knn = last_entry(knn_log, "knn_top1")["knn_top1"]
-    lowshot = [last_entry(p, "logreg_top1")["logreg_top1"] for p in logreg_logs] if args.lowshot else []
-    results[enc] = dict(knn10=knn.get("10"), knn20=knn.get("20"), probe=last_entry(probe_log, "best_top1")["best_top1"],
-                        lowshot=sum(lowshot) / len(lowshot) if lowshot else None)
+                *evaluate, "--seed", split_seed, "--logreg", 1, "--per_class", args.lowshot,
+                "--out_dir", os.path.dirname(logreg_log), *extra["logreg"])
+        knn = last_entry(knn_log, "knn_top1")["knn_top1"]
+        lowshot = [last_entry(p, "logreg_top1")["logreg_top1"] for p in logreg_logs]
+        kmeans = last_entry(kmeans_log, "kmeans")["kmeans"] if args.kmeans_runs else {}
+        results[enc] = dict(knn10=knn.get("10"), knn20=knn.get("20"),
+                            probe=last_entry(probe_log, "best_top1")["best_top1"],
+                            lowshot=sum(lowshot) / len(lowshot) if lowshot else None,
+                            acc=kmeans.get("acc", {}).get("mean"), nmi=kmeans.get("nmi", {}).get("mean"))
+except Stopped:
+    fail("stopped by signal between two stages; run the same command to continue")
 
 
 # 5: the table
@@ -196,20 +266,21 @@ def fmt(v):
 
 
 cols = [("knn10", "k-NN k=10"), ("knn20", "k-NN k=20"), ("probe", "linear probe"),
-        ("lowshot", f"low-shot {args.lowshot}/class"
-                    + (f" (mean of {args.lowshot_splits} splits)" if args.lowshot_splits > 1 else ""))]
+        ("lowshot", f"low-shot {args.lowshot}/class" + (f" (mean of {args.lowshot_splits} splits)"
+                                                        if args.lowshot_splits > 1 else "")),
+        ("acc", f"k-means ACC (mean of {args.kmeans_runs})"), ("nmi", f"k-means NMI (mean of {args.kmeans_runs})")]
 lines = ["| encoder | " + " | ".join(c for _, c in cols) + " |", "|---|" + "---|" * len(cols)]
 for enc in ("MAE", "MAE-CT"):
     lines.append(f"| {enc} | " + " | ".join(fmt(results[enc][k]) for k, _ in cols) + " |")
 lines.append("| Δ | " + " | ".join(
     "–" if results["MAE"][k] is None else f"{results['MAE-CT'][k] - results['MAE'][k]:+.1f}" for k, _ in cols) + " |")
-lines += ["", f"top-1 (%) on {data}/val; pooling {args.pool}; "
-              f"command: python {' '.join(shlex.quote(a) for a in sys.argv)}"]
+val = os.path.join(args.data_path or os.path.join(args.out_dir, "data"), "val")  # as the user gave it
+lines += ["", f"top-1, ACC and NMI (%) on {val}; pooling {args.pool}; command: python "
+          f"{' '.join(shlex.quote(a) for a in sys.argv)}"]
 if times:
     lines += ["", "| stage (this invocation) | wall time |", "|---|---|"]
     lines += [f"| {k} | {v / 60:.1f} min |" for k, v in times.items()]
     lines += [f"| total | {(time.time() - t_start) / 60:.1f} min |"]
 table = "\n".join(lines)
-with open(os.path.join(out, "results.md"), "w") as f:
-    f.write(table + "\n")
+write_atomic(os.path.join(out, "results.md"), table + "\n")
 print("\n" + table)

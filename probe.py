@@ -89,20 +89,21 @@ def read_head(path, dim, pool=None):
     {"state_dict": ..., "ctor_kwargs": {"pooling": {"kind": "mean_patch" | "class_token"}, ...}}, the
     BatchNorm at layer.1 and the Linear at layer.2, in older files layer.2 and layer.3; the BatchNorm also
     as norm.*, the same tensors). -> (make_head module in eval mode, pooling: `pool` or else the file's,
-    the layout found). Anything else raises one line naming what was expected and found."""
+    the layout found, the class names the file records or None). Anything else raises one line naming what was
+    expected and found."""
     ckpt = vit.load_checkpoint(path)
     if "stage" in ckpt:  # this project's file
         if ckpt["stage"] != "probe" or ckpt.get("head") is None:
             found = "a probe.pt of a run that never evaluated" if ckpt["stage"] == "probe" else \
                 f"a {ckpt['stage']} checkpoint"
             raise ValueError(f"--eval_head {path}: expected a trained probe head, found {found}")
-        sd, file_pool, layout = dict(ckpt["head"]), ckpt["pool"], "probe.pt"
+        sd, file_pool, layout, classes = dict(ckpt["head"]), ckpt["pool"], "probe.pt", ckpt.get("classes")
     else:  # the authors' keys -> make_head's ("0." BatchNorm, "1." Linear)
         sd = ckpt["state_dict"] if isinstance(ckpt.get("state_dict"), dict) else ckpt
         kind = ((ckpt.get("ctor_kwargs") or {}).get("pooling") or {}).get("kind")
         if kind not in (None, "mean_patch", "class_token"):
             raise ValueError(f"--eval_head {path}: pooling kind {kind!r}, expected mean_patch or class_token")
-        file_pool = {"mean_patch": "mean", "class_token": "cls"}.get(kind)
+        file_pool, classes = {"mean_patch": "mean", "class_token": "cls"}.get(kind), None
         bn, lin = ("layer.1", "layer.2") if "layer.1.running_mean" in sd else ("layer.2", "layer.3")
         layout = f"MAE-CT release: BatchNorm {bn}, Linear {lin}"
         alias = [k for k in sd if k in ("norm.running_mean", "norm.running_var", "norm.num_batches_tracked")]
@@ -126,7 +127,7 @@ def read_head(path, dim, pool=None):
         raise ValueError(f"--eval_head {path} names no pooling: give --pool cls or --pool mean")
     head = make_head(width, C)
     head.load_state_dict({"0.num_batches_tracked": torch.tensor(0), **sd})  # strict
-    return head.eval(), pool or file_pool, layout
+    return head.eval(), pool or file_pool, layout, classes
 
 
 def fit_logreg(x, y, num_classes, lam, rtol=1e-6, max_iter=10000):
@@ -163,7 +164,7 @@ def fit_logreg(x, y, num_classes, lam, rtol=1e-6, max_iter=10000):
 def select_train(samples, classes, train_list, per_class, seed):
     """Indices (sorted) of the labelled train images. train_list: one name per line, either a file's
     base name (the format of lowshot_subsets.py and of the SimCLR / MSN split files) or class/name
-    where base names repeat across classes; per_class: N images of every class, drawn with `seed`."""
+    where base names repeat across classes; per_class: N images of every class, chosen by `seed`."""
     if train_list:
         try:
             with open(train_list, encoding="utf-8-sig") as f:
@@ -195,15 +196,16 @@ def select_train(samples, classes, train_list, per_class, seed):
         if len(set(chosen)) != len(chosen):
             fail(f"--train_list {train_list} names some images twice (as name and as class/name)")
         return sorted(chosen)
-    g = torch.Generator().manual_seed(seed)
-    by_class = {}
-    for i, (_, c) in enumerate(samples):
+    by_class = {}  # per class the files with the smallest sha256(seed/class/name): lowshot_subsets.py's rule, so
+    for i, (path, c) in enumerate(samples):  # its --per_class N --seed S lists the same images
         by_class.setdefault(c, []).append(i)
     chosen = []
     for c in sorted(by_class):
         if len(by_class[c]) < per_class:
             fail(f"--per_class {per_class}: class {classes[c]} has only {len(by_class[c])} train images")
-        chosen += [by_class[c][j] for j in torch.randperm(len(by_class[c]), generator=g)[:per_class].tolist()]
+        name = {i: os.path.basename(samples[i][0]) for i in by_class[c]}
+        chosen += sorted(by_class[c], key=lambda i: (hashlib.sha256(f"{seed}/{classes[c]}/{name[i]}".encode())
+                                                     .digest(), name[i]))[:per_class]
     return sorted(chosen)
 
 
@@ -281,6 +283,21 @@ RESUME_FLAGS = ("init", "which", "pool", "img_size", "crop_pct", "batch_size", "
 
 # -----------------------------------------------------------------------------
 # the three modes: a trained head evaluated, the low-shot logistic regression, the linear probe
+
+def check_head_classes(path, head, classes, val_set, master_process):
+    """A head fits the val folders: as many classes, and where the file records their names (this project's
+    probe.pt), the same names in the same order; the authors' probes record none: the sorted folders, said so."""
+    if head[1].out_features != len(val_set.classes):
+        fail(f"--eval_head {path} is a head for {head[1].out_features} classes, {val_set.root} has "
+             f"{len(val_set.classes)} class folders")
+    if classes is not None and classes != val_set.classes:
+        i = next(i for i, (a, b) in enumerate(zip(classes, val_set.classes)) if a != b)
+        fail(f"--eval_head {path} was trained on other classes than the folders of {val_set.root}: class {i} is "
+             f"{classes[i]} there, {val_set.classes[i]} here")
+    if classes is None and master_process:
+        print(f"note: {path} names no classes: class i is the i-th val folder in sorted order (ImageNet's wnids, as "
+              f"the authors' probes expect)")
+
 
 def evaluate_head(args, encoder, model_args, head, layout, val_set, device, autocast):
     """--eval_head: a trained head on the val centre crops (every rank encodes its share; features gathered)."""
@@ -477,8 +494,8 @@ def main(args):
     # encoder and data: every check before any feature is extracted
     try:
         encoder = vit.load_encoder(args.init, args.which, args.img_size or None, master_process, args.heads or None)
-        head, args.pool, layout = read_head(args.eval_head, encoder.args["dim"], args.pool or None) \
-            if args.eval_head else (None, args.pool, None)
+        head, args.pool, layout, head_classes = read_head(args.eval_head, encoder.args["dim"], args.pool or None) \
+            if args.eval_head else (None, args.pool, None, None)
     except (ValueError, FileNotFoundError, KeyError) as e:
         fail(str(e))
     model_args = encoder.args
@@ -487,9 +504,8 @@ def main(args):
     val_set = ImageFolder(split_folder(args.data_path, "val"), img_size, crop, None, args.seed, args.skip_bad_images,
                           resize=device == "cpu", leave_out=True)  # evaluations leave unreadable images out
     C = len(val_set.classes)
-    if head is not None and head[1].out_features != C:
-        fail(f"--eval_head {args.eval_head} is a head for {head[1].out_features} classes, "
-             f"{os.path.join(args.data_path, 'val')} has {C} class folders")
+    if head is not None:
+        check_head_classes(args.eval_head, head, head_classes, val_set, master_process)
     augment = not args.cached and not args.logreg and bool(args.train_aug)
     if not args.eval_head:
         train_set = ImageFolder(split_folder(args.data_path, "train"), img_size, train_box if augment else crop,
@@ -752,8 +768,9 @@ def quiet_worker(worker_id):
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     if sys.platform == "linux":  # PR_SET_PDEATHSIG = 1: SIGKILL when the parent ends, however it ends
         ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))
-        if os.getppid() == 1:  # the parent ended before that call
-            os._exit(0)
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # the parent ended while this worker started
+        os._exit(0)
 
 
 def make_loader(dataset, batch_size, sampler, num_workers, device, persistent=True):

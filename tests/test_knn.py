@@ -257,3 +257,113 @@ def test_knn_cuda_matches_cpu(tmp_path):
     main_knn("--data_path", data, "--init", enc, "--k", 1, 5, "--num_workers", 0, "--device", "cuda",
              "--dtype", "bfloat16", "--out_dir", tmp_path / "out")
     assert json.loads((tmp_path / "out" / "log.txt").read_text())["knn_top1"] == {"1": 100.0, "5": 100.0}
+
+
+# -----------------------------------------------------------------------------
+# k-means clustering (--kmeans): the scores against scikit-learn, k-means against a float64 reference
+
+def test_cluster_scores_match_scikit_learn():
+    """ACC, NMI (arithmetic normalisation) and ARI against scikit-learn's (a test-only dependency), on random and
+    structured labelings: permuted, merged, split, constant, more clusters than classes."""
+    metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 6, 300)
+    cases = {"random": rng.integers(0, 6, 300), "permuted": (y + 2) % 6, "merged": y // 2,
+             "split": y * 2 + (rng.random(300) < 0.5),
+             "noisy": np.where(rng.random(300) < 0.3, rng.integers(0, 6, 300), y), "constant": np.zeros(300, int),
+             "small": np.array([0, 0, 1, 1, 2])}
+    for name, c in cases.items():
+        labels = y if name != "small" else np.array([0, 1, 1, 1, 2])
+        acc, nmi, ari = knn.cluster_scores(c, labels)
+        assert nmi == pytest.approx(100 * metrics.normalized_mutual_info_score(labels, c), abs=1e-9), name
+        assert ari == pytest.approx(100 * metrics.adjusted_rand_score(labels, c), abs=1e-9), name
+        assert 0 <= acc <= 100
+    assert knn.cluster_scores(cases["permuted"], y)[0] == 100.0  # a relabelling is a perfect clustering
+
+
+def test_hungarian_accuracy_equals_the_best_permutation():
+    """5 classes, 5 clusters: ACC is the best of all 120 one-to-one matchings, found by brute force."""
+    import itertools
+    rng = np.random.default_rng(1)
+    for trial in range(5):
+        y = rng.integers(0, 5, 60)
+        c = np.where(rng.random(60) < 0.5, y, rng.integers(0, 5, 60))
+        c = np.array([3, 0, 4, 1, 2])[c]  # scramble the cluster ids
+        best = max(np.mean(np.array(perm)[c] == y) for perm in itertools.permutations(range(5)))
+        assert knn.cluster_scores(c, y)[0] == pytest.approx(100 * best, abs=1e-12), trial
+
+
+def lloyd_reference(x, centroids, iters):
+    """Lloyd's iterations in float64 numpy from given centroids, until no assignment changes."""
+    x, c, assign = np.asarray(x, np.float64), np.asarray(centroids, np.float64), None
+    for _ in range(iters):
+        new = ((x[:, None] - c[None]) ** 2).sum(-1).argmin(1)
+        if assign is not None and (new == assign).all():
+            break
+        assign = new
+        c = np.stack([x[assign == k].mean(0) if (assign == k).any() else c[k] for k in range(len(c))])
+    return assign, c
+
+
+def test_kmeans_matches_a_float64_reference_and_recovers_blobs():
+    rng = np.random.default_rng(2)
+    # Gaussian blobs far apart: every run recovers them exactly (ACC = NMI = ARI = 100), converged
+    centres = rng.normal(size=(4, 8)) * 10
+    y = np.repeat(np.arange(4), 50)
+    x = torch.tensor(centres[y] + rng.normal(size=(200, 8)), dtype=torch.float32)
+    for seed in range(5):
+        assign, _, _, iters, converged = knn.kmeans(x, 4, seed)
+        assert converged and knn.cluster_scores(assign.numpy(), y) == (100.0, 100.0, 100.0), seed
+    # overlapping data: from the same k-means++ start, the assignments and centroids of a float64 Lloyd
+    x = torch.tensor(rng.normal(size=(300, 5)), dtype=torch.float32)
+    assign, cent, inertia, iters, converged = knn.kmeans(x, 6, seed=3, max_iters=1)  # the start, one update
+    g = torch.Generator().manual_seed(3)  # the same draws as kmeans' k-means++
+    first = x[torch.randint(300, (1,), generator=g)]
+    d2 = ((x - first) ** 2).sum(1).double()
+    picks = [first]
+    for _ in range(5):
+        p = x[torch.multinomial(d2 / d2.sum(), 1, generator=g)]
+        picks.append(p)
+        d2 = torch.minimum(d2, ((x - p) ** 2).sum(1).double())
+    start = torch.cat(picks).numpy()
+    ref_assign, ref_c = lloyd_reference(x.numpy(), start, 1)
+    np.testing.assert_array_equal(assign.numpy(), ref_assign)
+    full, full_c, _, iters, converged = knn.kmeans(x, 6, seed=3, max_iters=300)
+    ref_assign, ref_c = lloyd_reference(x.numpy(), start, 300)
+    assert converged and iters < 300
+    np.testing.assert_array_equal(full.numpy(), ref_assign)
+    np.testing.assert_allclose(full_c.numpy(), ref_c, atol=1e-5)
+    # the iteration cap is reported as not converged
+    assert knn.kmeans(x, 6, seed=3, max_iters=1)[4] is False
+
+
+def test_kmeans_reseeds_an_empty_cluster():
+    """Two far points and a duplicate: 3 clusters of 4 points whose k-means++ start cannot fill them all (two starts
+    on the same point) -> the empty cluster takes the point farthest from its centroid; every cluster is used."""
+    x = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [10.0, 0.0], [10.0, 1.0]])
+    assign, cent, _, _, _ = knn.kmeans(x, 3, seed=0)
+    assert sorted(set(assign.tolist())) == [0, 1, 2] and torch.isfinite(cent).all()
+
+
+def test_kmeans_script_one_and_two_processes(tmp_path):
+    """--kmeans on the val features (as many clusters as classes): the table and the log line, the same on 2
+    processes (features gathered in order, k-means on rank 0); the scores equal cluster_scores of a k-means run
+    here on features computed here."""
+    data = noise_folder(tmp_path / "data", per_class=4, val_per_class=7)
+    enc = make_encoder(tmp_path / "enc.pt", seed=5)
+    args = ["--data_path", data, "--init", enc, "--kmeans", "--kmeans_runs", 3, "--crop_pct", 1, "--num_workers", 0,
+            "--batch_size", 4, "--pool", "mean"]
+    main_knn(*args, "--out_dir", tmp_path / "one")
+    run_torchrun(2, "knn.py", *map(str, args), "--out_dir", str(tmp_path / "two"), "--device", "cpu")
+    one, two = (json.loads((tmp_path / d / "log.txt").read_text()) for d in ("one", "two"))
+    assert one["stage"] == "kmeans" and one["kmeans"] == two["kmeans"] and one["images"] == 21
+    k = one["kmeans"]
+    assert k["clusters"] == 3 and len(k["runs"]) == 3 and [r["seed"] for r in k["runs"]] == [0, 1, 2]
+    feats, labels = folder_features(enc, os.path.join(data, "val"), "mean")
+    x = torch.nn.functional.normalize(torch.tensor(feats, dtype=torch.float32), dim=1)
+    for r in k["runs"]:
+        assign = knn.kmeans(x, 3, r["seed"])[0]
+        acc, nmi, ari = knn.cluster_scores(assign.numpy(), labels)
+        assert (r["acc"], r["nmi"], r["ari"]) == pytest.approx((acc, nmi, ari), abs=1e-3)
+    assert k["acc"]["mean"] == pytest.approx(sum(r["acc"] for r in k["runs"]) / 3, abs=1e-3)
+    assert k["nmi"]["best"] == max(r["nmi"] for r in k["runs"])

@@ -248,6 +248,23 @@ def test_list_of_names_repeated_across_classes_is_read_by_probe(tmp_path):
         for n in names)
 
 
+@pytest.mark.parametrize("seed,per_class", [(0, 5), (3, 2)])
+def test_probe_per_class_draws_the_same_images_as_lowshot_subsets(tmp_path, seed, per_class):
+    """The one rule for "N per class, seed S": probe.py --per_class N --seed S picks the files lowshot_subsets.py
+    --per_class N --seed S lists (per class, the smallest sha256(seed/class/name)); before, two different draws."""
+    import probe
+    root = tmp_path / "r"
+    for c in ("a", "b", "c"):
+        (root / "train" / c).mkdir(parents=True)
+        for i in range(9):
+            (root / "train" / c / f"{c}{i:02d}.{'png' if i % 3 else 'jpg'}").write_bytes(b"x")
+    out = tmp_path / "sub.txt"
+    run_main("--root", root, "--out", out, "--per_class", per_class, "--seed", seed, "--mode", "list")
+    samples, classes = probe.scan_image_folder(str(root / "train"))
+    chosen = probe.select_train(samples, classes, "", per_class, seed)
+    assert sorted(os.path.basename(samples[i][0]) for i in chosen) == read_list(out)
+
+
 @pytest.mark.parametrize("inside", [".", "val/sub", "other/x.txt"])
 def test_out_inside_the_root_is_refused(root, inside):
     r = run_cli("--root", root, "--out", root / inside, "--per_class", 1,

@@ -27,10 +27,15 @@ def test_pipeline_runs_every_stage_and_writes_the_table(tmp_path):
     rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| (MAE|MAE-CT|Δ) \|(.*)\|$", table, re.M)}
     assert set(rows) == {"MAE", "MAE-CT", "Δ"}
     nums = {k: [float(x) for x in v.split("|")] for k, v in rows.items()}
-    assert all(len(v) == 4 and all(0 <= x <= 100 for x in v) for k, v in nums.items() if k != "Δ")
-    for i in range(4):  # the Δ row is MAE-CT minus MAE, per column
+    assert all(len(v) == 6 and all(0 <= x <= 100 for x in v) for k, v in nums.items() if k != "Δ")
+    for i in range(6):  # the Δ row is MAE-CT minus MAE, per column
         assert abs(nums["Δ"][i] - (nums["MAE-CT"][i] - nums["MAE"][i])) <= 0.11
-    assert "low-shot 2/class (mean of 2 splits)" in table
+    assert "low-shot 2/class (mean of 2 splits)" in table and "k-means ACC (mean of 5)" in table
+    for enc, col in (("mae", "MAE"), ("maect", "MAE-CT")):  # the clustering columns: the mean over the runs
+        k = json.loads((out / f"eval_{enc}" / "kmeans" / "log.txt").read_text())["kmeans"]
+        assert len(k["runs"]) == 5 and abs(nums[col][4] - k["acc"]["mean"]) <= 0.051
+        assert abs(nums[col][5] - k["nmi"]["mean"]) <= 0.051
+    assert f"on {out / 'data' / 'val'};" in table
     # the low-shot column is the mean of the two splits, each with its own labelled subset
     for enc, col in (("mae", "MAE"), ("maect", "MAE-CT")):
         splits = [json.loads((out / f"eval_{enc}" / f"logreg_s{s}" / "log.txt").read_text().splitlines()[-1])
@@ -67,3 +72,37 @@ def test_a_stage_stopped_by_a_signal_stops_the_pipeline(tmp_path, to):
                                                "run the same command to continue")
     assert any(f.name.startswith("ckpt_") for f in (out / "mae").iterdir()) and not (out / "mae" / "mae.pt").exists()
     assert not (out / "head").exists() and "=== NNCLR head" not in stdout
+
+
+def test_a_rerun_with_other_flags_is_refused_not_skipped(tmp_path):
+    """A finished out_dir rerun with flags that change a stage: refused in one line naming the stage and the flag
+    (before: exit 0 at once, the old table under the new command). Flags that change nothing (workers) are fine."""
+    out = tmp_path / "p"
+    quick = [*TINY, "--lowshot", "0", "--kmeans_runs", "0"]
+    run_script("pipeline.py", "--out_dir", out, *quick, timeout=900)
+    p = run_script("pipeline.py", "--out_dir", out, *quick, "--mask_ratio", "0.5", check=False)
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == (
+        "error: stage MAE pretraining was run with --mask_ratio 0.75, this command gives --mask_ratio 0.5: use "
+        "another --out_dir, or remove that stage's output to run it again")
+    p = run_script("pipeline.py", "--out_dir", out, *quick, "--ct_args", "--topk 3", check=False)
+    assert p.returncode == 2
+    assert "stage contrastive tuning was run with --topk 2, this command gives --topk 3" in p.stderr
+    p = run_script("pipeline.py", "--out_dir", out, *quick, "--num_workers", "1")
+    assert "===" not in p.stdout
+
+
+def test_a_signal_while_the_data_is_generated_leaves_no_partial_folder(tmp_path):
+    """The generated folder is written into a temp folder and renamed when whole: stopped half-way, no data/ is left
+    that a rerun would take as complete (before: "train and val class folders differ" for ever)."""
+    out = tmp_path / "p"
+    p = subprocess.Popen([sys.executable, "pipeline.py", "--out_dir", str(out), *TINY, "--img_size", "128",
+                          "--patch_size", "16"], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    while p.poll() is None and not any(f.name.startswith("data.tmp-") and (f / "train").exists()
+                                       for f in out.glob("*")):
+        time.sleep(0.01)
+    os.killpg(p.pid, signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 2 and stderr.strip().splitlines()[-1] == \
+        "error: stopped by signal while generating the image folder; run the same command to continue"
+    assert not (out / "data").exists()

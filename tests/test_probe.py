@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -428,7 +429,7 @@ def test_eval_head_layouts_match_float64_reference(released, capsys, monkeypatch
     for i, (name, path, sd, pool, extra) in enumerate(cases):
         x, ref_logits, ref1, ref5 = reference(released, sd, pool)
         refs.append((ref1, ref5))
-        module, file_pool, _ = probe.read_head(path, 96, (extra or [None])[-1])
+        module, file_pool, _, _ = probe.read_head(path, 96, (extra or [None])[-1])
         assert file_pool == pool and not module.training, name
         with torch.no_grad():
             logits = module(torch.from_numpy(x).float()).double().numpy()
@@ -501,3 +502,23 @@ def test_probe_cuda(setup):
     run_probe(*base(data, enc, tmp / "lc", "--logreg", 1, "--per_class", 3))
     g, c = load(tmp / "lg", "logreg.pt"), load(tmp / "lc", "logreg.pt")
     assert g["train_files"] == c["train_files"] and g["top1"] == c["top1"]
+
+
+def test_eval_head_checks_the_class_names_and_leaves_bad_images_out(released, capsys, tmp_path):
+    """A probe.pt records its classes: a val folder with as many classes but other names is refused in one line naming
+    the first difference (before: top-1 0.00%, no warning); a file without names (the authors') takes the sorted
+    folders, and says so. With --skip_bad_images 1 an unreadable val image is left out of the count, not replaced."""
+    data = tmp_path / "renamed"
+    shutil.copytree(os.path.join(released["data"], "val"), data / "val")
+    os.rename(data / "val" / "class_3", data / "val" / "class_3b")
+    line = error_line(capsys, *eval_argv(dict(released, data=str(data)), released["probe"], tmp_path / "o"))
+    assert line == f"error: --eval_head {released['probe']} was trained on other classes than the folders of " \
+        f"{data / 'val'}: class 3 is class_3 there, class_3b here"
+    new = release_head(tmp_path / "authors.th", released["head"])
+    run_probe(*eval_argv(dict(released, data=str(data)), new, tmp_path / "a"))
+    assert "names no classes: class i is the i-th val folder in sorted order" in capsys.readouterr().out
+    (data / "val" / "class_0" / "zz.jpg").write_bytes(b"not a jpeg")
+    run_probe(*eval_argv(dict(released, data=str(data)), new, tmp_path / "b", "--skip_bad_images", 1))
+    entry = json.loads((tmp_path / "b" / "log.txt").read_text())
+    assert entry["val"] == 21 and entry["stage"] == "eval_head"
+    assert "1 unreadable images of" in capsys.readouterr().err

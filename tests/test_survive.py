@@ -277,3 +277,178 @@ def test_full_disk_is_one_line_and_keeps_the_previous_checkpoint(s, tmp_path):
         assert load(out / "ckpt_00000002.pt")["iter_num"] == 2
     finally:
         subprocess.run(["umount", str(out)])
+
+
+# -----------------------------------------------------------------------------
+# out_dir ownership: a run never deletes, overwrites or appends to what another run wrote
+
+
+def listing(out):
+    return {f: open(os.path.join(out, f), "rb").read() for f in sorted(os.listdir(out)) if f != "lock"}
+
+
+def test_a_fresh_run_into_a_used_out_dir_is_refused_and_changes_nothing(s, tmp_path):
+    """Another run's checkpoints in out_dir: a fresh start (no --resume) of any stage is refused in one line before
+    it writes, and so is --resume auto of another stage; every file stays as it was (before: the old checkpoints were
+    rotated away and --resume auto then continued the other run)."""
+    out = tmp_path / "o"
+    rc, text = run(argv(s, "mae_pretrain.py", out, "--ckpt_interval", "2", "--keep_last", "0", iters=6), tmp_path)
+    assert rc == 0, text[-3000:]
+    before = listing(out)
+    assert {"ckpt_00000002.pt", "ckpt_00000004.pt", "mae.pt", "log.txt"} <= set(before)
+    for script, extra in (("mae_pretrain.py", ["--keep_last", "1"]), ("nnclr_head.py", []), ("probe.py", [])):
+        rc, text = run(argv(s, script, out, *extra, iters=4), tmp_path)
+        (line,) = error_lines(text)
+        assert rc == 2 and line.startswith(f"error: --out_dir {out} holds another run's files (ckpt_00000002.pt, "), \
+            line
+        assert line.endswith("continue that run with --resume auto, or use another --out_dir")
+        assert listing(out) == before, script
+    rc, text = run(argv(s, "nnclr_head.py", out, "--resume", "auto", iters=4), tmp_path)
+    (line,) = error_lines(text)
+    assert rc == 2 and "holds another stage's files" in line and "is a mae checkpoint" in line, line
+    rc, text = run([sys.executable, "knn.py", "--data_path", s["data"], "--init", s["mae"], "--out_dir", str(out),
+                    "--num_workers", "0", "--device", "cpu"], tmp_path)  # an evaluation appends to its own log only
+    (line,) = error_lines(text)
+    assert rc == 2 and line.endswith("use another --out_dir") and listing(out) == before, line
+
+
+def test_rotation_removes_only_this_runs_older_checkpoints(s, tmp_path):
+    """--keep_last rotates the checkpoints this run wrote (a resumed run: its lineage's), never the newest, never a
+    file of another folder: resumed from another out_dir's checkpoint, that folder keeps every file."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    cmd = argv(s, "mae_pretrain.py", a, "--ckpt_interval", "2", "--keep_last", "2", "--log_interval", "100", iters=9)
+    rc, text = run(cmd, tmp_path)
+    assert rc == 0 and sorted(f for f in os.listdir(a) if f.startswith("ckpt_")) == [
+        "ckpt_00000006.pt", "ckpt_00000008.pt"], text[-2000:]
+    assert load(a / "mae.pt")["ckpts"] == ["ckpt_00000006.pt", "ckpt_00000008.pt"]
+    before = listing(a)
+    rc, text = run(argv(s, "mae_pretrain.py", b, "--ckpt_interval", "2", "--keep_last", "1", "--resume",
+                        str(a / "ckpt_00000006.pt"), iters=12), tmp_path)
+    assert rc == 0 and "resuming from" in text, text[-2000:]
+    assert listing(a) == before  # the other folder: untouched
+    assert sorted(f for f in os.listdir(b) if f.startswith("ckpt_")) == ["ckpt_00000010.pt"]
+
+
+def test_resume_onto_other_images_is_refused_the_same_images_elsewhere_are_not(s, tmp_path):
+    """A checkpoint records its image list (count, names relative to the folder): a resume onto another list is
+    refused in one line; the same images under another path (a new mount) resume."""
+    data = shutil.copytree(s["data"], tmp_path / "data")
+    out = tmp_path / "o"
+    rc, text = run(argv(s, "nnclr_head.py", out, "--ckpt_interval", "2", data=data, iters=4), tmp_path)
+    assert rc == 0 and load(out / "head.pt")["data"][0]["images"] == 24, text[-2000:]
+    os.remove(out / "head.pt")
+    moved = shutil.copytree(data, tmp_path / "elsewhere")
+    shutil.copy(os.path.join(data, "train", "class_0", "0000.jpg"), os.path.join(data, "train", "class_0", "9.jpg"))
+    rc, text = run(argv(s, "nnclr_head.py", out, "--resume", "auto", data=data, iters=6), tmp_path)
+    (line,) = error_lines(text)
+    assert rc == 2 and "was made on other images" in line and "(24 images then, 25 now" in line, line
+    rc, text = run(argv(s, "nnclr_head.py", out, "--resume", "auto", data=str(moved), iters=6), tmp_path)
+    assert rc == 0 and "at iteration 2" in text and load(out / "head.pt")["iter_num"] == 6, text[-2000:]
+
+
+def test_a_failing_evaluation_checkpoints_first(s, tmp_path):
+    """A truncated val image with --eval_interval 3 and no checkpoint due (--ckpt_interval 1000): the checkpoint of
+    iteration 3 is written before the evaluation fails in one line (before: only log.txt was left)."""
+    data = shutil.copytree(s["data"], tmp_path / "data")
+    bad = os.path.join(data, "val", "class_2", "0001.jpg")
+    truncate(bad)
+    out = tmp_path / "o"
+    rc, text = run(argv(s, "mae_pretrain.py", out, "--eval_interval", "3", "--ckpt_interval", "1000", data=data),
+                   tmp_path)
+    (line,) = error_lines(text)
+    assert rc == 2 and line.startswith(f"error: unreadable image {bad}") and load(out / "ckpt_00000003.pt")[
+        "iter_num"] == 3, text[-3000:]
+
+
+def small_tmpfs(path, kib):
+    path.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(path)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+
+
+def test_full_disk_while_logging_is_one_line(s, tmp_path):
+    """out_dir on a full tmpfs but for one page, which the lock takes: the first log line cannot be written. One
+    line naming the file, exit 2, log.txt as it was (before: an OSError traceback from log()). lowshot_subsets.py's
+    list and pipeline.py's results.md say it the same way."""
+    out = tmp_path / "o"
+    small_tmpfs(out, 64)
+    try:
+        with open(out / "filler", "wb") as f:
+            f.write(b"x" * 60 * 1024)
+        rc, text = run(argv(s, "mae_pretrain.py", out, "--log_interval", "1", iters=3), tmp_path)
+        (line,) = error_lines(text)
+        assert rc == 2 and line == f"error: cannot write {out / 'log.txt'}: No space left on device (its earlier " \
+            "lines and every checkpoint are intact)", line
+        assert (out / "log.txt").read_bytes() == b""
+        os.remove(out / "log.txt")
+        rc, text = run([sys.executable, "lowshot_subsets.py", "--root", s["data"], "--out", str(out / "list.txt"),
+                        "--per_class", "2", "--mode", "list"], tmp_path)
+        (line,) = error_lines(text)
+        assert rc == 2 and line.startswith(f"error: cannot write {out / 'list.txt'}: No space left on device"), line
+    finally:
+        subprocess.run(["umount", str(out)])
+
+
+def test_bad_flags_the_model_cannot_take_are_one_line(s, tmp_path):
+    """Decoder heads that do not divide the decoder width, a mask ratio that leaves no visible patch, --device cuda
+    without a GPU: one line each, exit 2, no traceback."""
+    cases = [(["--dec_dim", "32", "--dec_heads", "5"], "--dec_dim 32 must be divisible by --dec_heads (5) and by 4"),
+             (["--mask_ratio", "0.99"], "--mask_ratio 0.99 leaves no visible patch of 64")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "--device cuda: torch finds no CUDA GPU on this machine"))
+    for extra, want in cases:
+        rc, text = run(argv(s, "mae_pretrain.py", tmp_path / "o", *extra), tmp_path)
+        (line,) = error_lines(text)
+        assert rc == 2 and want in line, (extra, line)
+
+
+def test_a_non_finite_loss_before_any_checkpoint_says_none_was_written(s, tmp_path):
+    rc, text = run(argv(s, "mae_pretrain.py", tmp_path / "o", "--blr", "1e38", "--warmup_epochs", "0",
+                        "--log_interval", "1"), tmp_path)
+    (line,) = error_lines(text)
+    assert rc == 2 and "non-finite loss at iteration" in line and line.endswith("no checkpoint was written yet"), line
+
+
+@pytest.mark.parametrize("script,extra,pattern", [
+    ("knn.py", [], r"bank:"),
+    ("probe.py", ["--logreg", "1", "--per_class", "2"], r"train:"),
+    ("probe.py", ["--eval_head", "HEAD"], r"val:")])
+def test_a_stop_signal_during_feature_extraction_stops_it(s, tmp_path, script, extra, pattern):
+    """SIGTERM to the process group while the features are extracted (workers on): the extraction stops within a few
+    batches, one line, exit 0 (before: knn.py died at once without a word, exit 143; probe.py --eval_head /
+    --logreg ran on to the end)."""
+    if "HEAD" in extra:  # a trained head to evaluate
+        rc, text = run(argv(s, "probe.py", tmp_path / "p", "--cached", "1", iters=2), tmp_path)
+        extra = ["--eval_head", str(tmp_path / "p" / "probe.pt")]
+    data = shutil.copytree(s["data"], tmp_path / "data")
+    for c in range(3):  # more images, so that the extraction takes long enough to be stopped in
+        for i in range(60):
+            shutil.copy(os.path.join(data, "train", f"class_{c}", "0000.jpg"), os.path.join(
+                data, split := ("train" if "val" not in pattern else "val"), f"class_{c}", f"x{i}.jpg"))
+    cmd = [sys.executable, script, "--data_path", data, "--init", s["mae"], "--num_workers", "2", "--device", "cpu",
+           "--crop_pct", "1", "--batch_size", "2", "--out_dir", str(tmp_path / "o"), *extra]
+    p = start(cmd, tmp_path / "x.txt")
+    signal_storm(p, tmp_path / "x.txt", pattern)
+    rc, text = finish(p, tmp_path / "x.txt")
+    assert rc == 0 and "Traceback" not in text and not error_lines(text), text[-3000:]
+    assert re.search(r"stopped by signal while extracting the (bank|train|val) features \(\d+ of \d+ images\)", text)
+    assert not os.path.exists(tmp_path / "o" / "log.txt")
+
+
+def test_workers_never_hang_nor_outlive_back_to_back_runs(s, tmp_path):
+    """knn.py and probe.py with the default 8 workers, one process and two: every run ends, and no process is left
+    (the workers are started by spawn, not by a fork of a process whose threads come and go: CPython gh-112275).
+    SIGKILL of the main process during an extraction: its workers end with it."""
+    base = ["--data_path", s["data"], "--init", s["mae"], "--device", "cpu", "--crop_pct", "1", "--batch_size", "4"]
+    runs = [[sys.executable, "knn.py", *base, "--k", "1"]] + [
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "knn.py", *base,
+         "--k", "1"], [sys.executable, "probe.py", *base, "--logreg", "1", "--per_class", "2"]]
+    for i, cmd in enumerate(runs):
+        rc, text = run(cmd + ["--out_dir", str(tmp_path / f"o{i}")], tmp_path, timeout=240)
+        assert rc == 0 and "top-1" in text, text[-3000:]
+    p = start([sys.executable, "knn.py", *base, "--k", "1"], tmp_path / "killed.txt")
+    wait_for(tmp_path / "killed.txt", "bank:", p, timeout=120)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert_group_gone(p.pid, grace=60)  # a worker still starting (importing torch) ends as soon as it has started
