@@ -378,7 +378,7 @@ def main(args):
     img_size = model_args["img_size"]
 
     # data: two views of every image
-    train_set = views_dataset(split_folder(args.data_path, "train"), img_size, args.aug, args.seed,
+    train_set = views_dataset(os.path.join(args.data_path, "train"), img_size, args.aug, args.seed,
                               args.skip_bad_images, resize=device == "cpu")
     knn = KnnMonitor(args, img_size, device, autocast) if args.knn_interval else None
     loader = train_loader(train_set, args, device)
@@ -477,15 +477,14 @@ def main(args):
 # Each stage script is meant to be copied alone with vit.py, so each carries this block. tests/test_layout.py keeps
 # the copies equal (knn.py's without the training-only part); scripts/sync_plumbing.py copies an edit to all.
 
-def fail(msg):
-    """The one line of every failure (on a line of its own under a progress bar), exit status 2."""
+def fail(msg):  # the one line of every failure (on a line of its own under a progress bar), exit status 2
     tqdm.write(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 
 
 def check_flags(args, rules):
-    """rules: (flags, wanted, test) rows; the device, worker and 0/1 flags every script has are added. One line per
-    flag out of its range (a list flag: any entry), then exit 2, before anything runs."""
+    """rules: (flags, wanted, test) rows, plus those of the flags every script has. One line per flag out of its range
+    (a list flag: any entry), then exit 2, before anything runs."""
     bad = []
     for flags, wanted, ok in rules + [("num_workers", ">= 0", lambda v: v >= 0),
                                       ("compile skip_bad_images", "0 or 1", lambda v: v in (0, 1)),
@@ -501,8 +500,8 @@ def check_flags(args, rules):
 
 
 def compute_init(args, tf32=True):
-    """Stop signals, DDP (torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; NCCL on GPUs, gloo on CPU), the device and
-    the autocast dtype (bfloat16 on GPUs that have it). -> ddp, ddp_rank, ddp_world_size, device, dtype, autocast"""
+    """Stop signals, DDP (torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; NCCL on GPUs, gloo on CPU), the device, the
+    autocast dtype (bfloat16 where the GPU has it). -> ddp, ddp_rank, ddp_world_size, device, dtype, autocast"""
     for s in STOP_SIGNALS:
         signal.signal(s, on_stop)
     use_cuda = torch.cuda.is_available() if args.device == "auto" else args.device.startswith("cuda")
@@ -563,19 +562,11 @@ def leave(msg=""):
 IMG_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif")
 
 
-def split_folder(data_path, split):
-    path = os.path.join(data_path, split)
-    if not os.path.isdir(path):
-        fail(f"missing split folder {path} (expected {os.path.join(data_path, '{train,val}')}/<class>/<image>)")
-    return path
-
-
 def scan_image_folder(root):
-    """[(path, class index)], classes: subfolder names in string order ("0", "10", "2"), the images directly in each
-    (not in nested folders); names starting with "." (macOS ._* files, .ipynb_checkpoints) are not read. Images
-    directly in root instead: unlabelled (class -1, no classes)."""
+    """[(path, class index)], classes: subfolders in string order ("0", "10", "2"), the images directly in each; names
+    starting with "." (macOS ._* files, .ipynb_checkpoints) are not read. Images directly in root: unlabelled (-1)."""
     if not os.path.isdir(root):
-        fail(f"image folder not found: {root}")
+        fail(f"missing split folder {root} (expected {root}/<class>/<image>)")
     entries = sorted((e.name, e.is_dir()) for e in os.scandir(root) if not e.name.startswith("."))
     classes = [name for name, is_dir in entries if is_dir]
     images = [name for name, is_dir in entries if not is_dir and name.lower().endswith(IMG_EXTS)]
@@ -595,9 +586,9 @@ def scan_image_folder(root):
 
 
 def to_rgb(img):
-    """Any PIL image -> 8-bit RGB. convert("RGB") clips 16- and 32-bit integers at 255 and takes floats as 0-255, so
-    those are scaled: integers (I;16*, I) by 255 / 65535, values outside 0-65535 refused; floats (F) by 255, values
-    outside [0, 1] refused. Refusals and modes convert("RGB") gets wrong (LAB) raise OSError: unreadable images."""
+    """Any PIL image -> 8-bit RGB. convert("RGB") clips 16- and 32-bit integers at 255 and takes floats as 0-255: those
+    are scaled (integers by 255 / 65535, floats by 255), or refused out of 0-65535 / [0, 1], as are modes it gets
+    wrong (LAB): OSError, an unreadable image."""
     if img.mode in ("RGB", "1", "L", "P", "PA", "LA", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "HSV"):
         return img if img.mode == "RGB" else img.convert("RGB")
     if img.mode not in ("I", "F") and not img.mode.startswith("I;16"):
@@ -616,13 +607,11 @@ class UnreadableImage(RuntimeError):
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    """root/<class>/<image>. Items are (epoch, index) pairs from the sampler, and every random draw of an item comes
-    from a function of (seed, epoch, index) alone: any number of workers, any restart, the same crops. The stage's
-    augmentation comes in as two functions: boxes(rng, w, h) -> crop boxes of a w x h image, finish(crops, rng) ->
-    the crops after flips and colour changes (None: as cut). resize=False: crops leave the worker at their own size
-    and crops_to_batch resizes them on the GPU, which takes a third of a worker's time off it at 224 px. An
-    unreadable image stops the run naming the file; with skip_bad, training takes the next image instead and an
-    evaluation (leave_out) leaves it out: a blank crop of label -2, dropped by extract_features."""
+    """Items are (epoch, index) pairs, and every random draw of an item is a function of (seed, epoch, index) alone:
+    any number of workers, any restart, the same crops. The stage's augmentation: boxes(rng, w, h) -> crop boxes,
+    finish(crops, rng) -> the crops flipped, coloured. resize=False: crops leave the worker at their own size and
+    crops_to_batch resizes them on the GPU (a third of a worker's time at 224 px). With skip_bad an unreadable image
+    is replaced by the next one in training, left out in evaluations (leave_out: label -2, dropped)."""
 
     def __init__(self, root, img_size, boxes, finish=None, seed=0, skip_bad=False, resize=True, leave_out=False):
         self.samples, self.classes = scan_image_folder(root)
@@ -632,14 +621,13 @@ class ImageFolder(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.samples)
 
-    def fingerprint(self):  # the image list, whatever the folder's path: its count and its names relative to root
+    def fingerprint(self):  # the image list, wherever the folder is: its count and the names relative to root
         names = "\n".join(os.path.relpath(p, self.root) for p, _ in self.samples)
         return dict(images=len(self.samples), names_sha256=hashlib.sha256(names.encode()).hexdigest())
 
     def load(self, i, boxes_fn):
-        """Decode image i and cut the boxes boxes_fn(w, h) returns -> (crops, label, index of the image used).
-        JPEGs are decoded at reduced size (PIL draft: DCT scaling) when even the smallest crop stays at least
-        twice img_size."""
+        """Decode image i, cut boxes_fn(w, h) -> (crops, label, index of the image used). JPEGs are decoded at reduced
+        size (PIL draft: DCT scaling) when even the smallest crop stays at least twice img_size."""
         for attempt in range(len(self.samples)):
             j = (i + attempt) % len(self.samples)
             path = self.samples[j][0]
@@ -677,16 +665,15 @@ class ImageFolder(torch.utils.data.Dataset):
 
 
 def collate(batch):
-    """Crops differ in size: one flat uint8 tensor (one shared-memory block per batch, not one per crop) and their
-    (h, w), sample 0's views first. -> flat, sizes (n, 2), labels (b,), indices (b,)"""
+    """Crops differ in size: one flat uint8 tensor (one shared-memory block per batch) and their (h, w), sample 0's
+    views first. -> flat, sizes (n, 2), labels (b,), indices (b,)"""
     crops = [c for item in batch for c in item[0]]
     return (torch.cat([c.flatten() for c in crops]), torch.tensor([c.shape[:2] for c in crops]),
             torch.tensor([item[1] for item in batch]), torch.tensor([item[2] for item in batch]))
 
 
 def crops_to_batch(flat, sizes, img_size, device):
-    """collate's crops -> (n, 3, S, S) float in [0, 255] on the device; crops not yet S x S get the bicubic resize
-    of RandomResizedCrop here (antialiased, as PIL's)."""
+    """collate's crops -> (n, 3, S, S) float in [0, 255] on the device, resized (bicubic, antialiased, as PIL)."""
     flat, out, o = flat.to(device, non_blocking=True).float(), [], 0  # one copy and one cast per batch
     for h, w in sizes.tolist():
         x = flat[o:o + h * w * 3].view(1, h, w, 3).permute(0, 3, 1, 2)  # (1, 3, h, w), a view
@@ -697,8 +684,8 @@ def crops_to_batch(flat, sizes, img_size, device):
 
 
 def quiet_worker(worker_id):
-    """worker_init_fn: stop signals are the main process's to handle (timeout and SLURM signal every process of the
-    job, a terminal's Ctrl-C too; start_workers blocks them until here). A worker dies with its main process."""
+    """worker_init_fn: stop signals are the main process's (timeout, SLURM, Ctrl-C signal every process of the job;
+    start_workers blocks them until here). A worker dies with its main process."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
@@ -710,8 +697,8 @@ def quiet_worker(worker_id):
 
 
 def make_loader(dataset, batch_size, sampler, num_workers, device, persistent=True):
-    """Workers are started fresh ("spawn"), not forked: a fork while another thread of this process starts or ends
-    can leave the new worker waiting forever on a lock held at the fork (CPython gh-112275)."""
+    """Workers are started fresh ("spawn"), never forked: a fork while another thread starts or ends can leave the
+    new worker waiting forever on a lock held at the fork (CPython gh-112275)."""
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                                        pin_memory=device != "cpu", persistent_workers=persistent and num_workers > 0,
                                        collate_fn=collate, worker_init_fn=quiet_worker,
@@ -731,9 +718,8 @@ def start_workers(loader):
 
 
 def shut_down():
-    """Every way out (__main__'s finally). The workers ignore SIGTERM, which the loader's and multiprocessing's exit
-    send before joining them: SIGKILL them, torch's SIGCHLD handler off (it would raise). A stop signal is ignored
-    from now on: during the exit the interpreter restores its default action, which would kill the process."""
+    """Every way out (__main__'s finally): stop signals ignored (the exit restores their default action, which would
+    kill the process mid-exit); the workers, which ignore the loader's SIGTERM, killed; torch's SIGCHLD handler off."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -745,10 +731,9 @@ def shut_down():
 @torch.no_grad()
 def extract_features(encoder, dataset, how, dim, batch_size, num_workers, device, autocast, desc="features",
                      loader=None):
-    """Pooled features and labels of the images of dataset, (N, dim) float32 and (N,) on device, on every rank, in
-    dataset order, without the images left out as unreadable. Rank r encodes images r, r + world, ...; the
-    all_gather puts them back in order, so the result does not depend on the number of processes. A stop signal ends
-    it within a few batches, every rank together: Stop."""
+    """Pooled features (N, dim) float32 and labels (N,) of dataset on every rank, in dataset order, unreadable images
+    left out. Rank r encodes images r, r + world, ...; gathered in order, so any number of processes gives the same
+    result. A stop signal ends it within a few batches, every rank together: Stop."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     n, b = len(dataset), max(1, batch_size // world)
     per = -(-n // world)  # images per rank; the short ranks' last row stays padding
@@ -766,19 +751,16 @@ def extract_features(encoder, dataset, how, dim, batch_size, num_workers, device
             j += len(f)
     except UnreadableImage as e:  # from a worker or not: one line (main() may run in the caller's process)
         fail(str(e))
-    if world > 1:  # (per, world, dim): row q * world + r is image q * world + r
-        feats, labels = (torch.stack(gather_all(t), dim=1).flatten(0, 1) for t in (feats, labels))
+    if world > 1:  # gathered: (per, world, ...), row q * world + r is image q * world + r
+        parts = [[torch.empty_like(t) for _ in range(world)] for t in (feats, labels)]
+        for part, t in zip(parts, (feats, labels)):
+            dist.all_gather(part, t)
+        feats, labels = (torch.stack(part, dim=1).flatten(0, 1) for part in parts)
     feats, labels = feats[:n], labels[:n]
     keep = labels != -2
     if not keep.all() and rank == 0:
         tqdm.write(f"warning: {(~keep).sum().item()} unreadable images of {dataset.root} left out", file=sys.stderr)
     return feats[keep], labels[keep]
-
-
-def gather_all(t):  # every rank's t, in rank order
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return parts
 
 
 # -----------------------------------------------------------------------------
@@ -787,8 +769,8 @@ RUN_FILES = re.compile(r"(ckpt_\d+|mae|head|ct|probe|logreg)\.pt|recon_\d+\.png|
 
 
 def lock_out_dir(out_dir):
-    """Rank 0: create out_dir and lock it until this process ends, so a second run into it is refused before it
-    writes anything. A kernel lock (fcntl), dropped when the process dies however it dies; the file names the holder."""
+    """Rank 0: out_dir created and locked until this process ends: a second run into it is refused before it writes.
+    A kernel lock (fcntl), dropped when the process dies however it dies; the file names the holder."""
     path, pid = os.path.join(out_dir, "lock"), os.getpid()
     me = f"pid {pid} on host {socket.gethostname()}"
     try:
@@ -822,9 +804,9 @@ def lock_out_dir(out_dir):
 
 
 def claim_out_dir(out_dir, stage, append=False, resume="", ckpt_path=""):
-    """Rank 0, before the first write: a run never deletes, overwrites or appends to another run's files. A run that
-    continues a checkpoint of out_dir owns its files; one that appends to a log (an evaluation, or --resume auto after
-    a run of this stage that stopped before its first checkpoint) owns a log.txt whose lines are all of its stage."""
+    """Rank 0, before the first write: a run never deletes, overwrites or appends to another run's files. Continuing a
+    checkpoint of out_dir, it owns them; appending to a log (an evaluation, or --resume auto after a run of its stage
+    that stopped before a checkpoint), it takes a log.txt whose lines are all of its stage."""
     found = sorted(f for f in os.listdir(out_dir) if RUN_FILES.fullmatch(f))
     if not found or ckpt_path and os.path.samefile(os.path.dirname(os.path.abspath(ckpt_path)), out_dir):
         return
@@ -841,8 +823,7 @@ def claim_out_dir(out_dir, stage, append=False, resume="", ckpt_path=""):
 
 
 def log_line(out_dir, stage, entry):
-    """Rank 0: one JSON line appended to out_dir/log.txt, the stage first. A full disk stops the run in one line and
-    leaves the file as it was."""
+    """Rank 0: a JSON line, the stage first, appended to out_dir/log.txt; a full disk: one line, the file as it was."""
     path, line = os.path.join(out_dir, "log.txt"), (json.dumps(dict(stage=stage, **entry)) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     size = os.fstat(fd).st_size
@@ -857,8 +838,8 @@ def log_line(out_dir, stage, entry):
 
 
 def save_atomic(obj, path):
-    """torch.save (a PIL image: PNG) to a temp file, flushed to the disk, then renamed: a crash or a full disk
-    mid-write leaves the previous file intact; a failed write (no space left, a quota) removes the temp file."""
+    """torch.save (a PIL image: PNG) to a temp file, flushed, renamed: a crash or a full disk leaves the previous file
+    intact, and a failed write (no space, a quota) removes the temp file."""
     try:
         with open(path + ".tmp", "wb") as f:
             obj.save(f, format="PNG") if isinstance(obj, Image.Image) else torch.save(obj, f)
@@ -911,9 +892,8 @@ def centre_square(rng, w, h):  # the centre square of the image: the k-NN monito
 
 
 class ShardSampler(torch.utils.data.Sampler):
-    """Epoch-seeded permutation; step s of the epoch takes the global batch perm[s*B:(s+1)*B] and this rank its
-    slice, so the global batch does not depend on the number of processes. Drops the last incomplete batch.
-    start_step skips steps already done (resume)."""
+    """An epoch-seeded permutation; step s takes the global batch perm[s*B:(s+1)*B], this rank its slice, so the
+    global batch does not depend on the number of processes. The last incomplete batch dropped; start_step: resume."""
 
     def __init__(self, n, batch_size, rank, world, seed):
         self.n, self.batch_size, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
@@ -961,9 +941,8 @@ def train_batches(loader, iter_num):
 
 
 def start_run(args, stage, final_name, resume_flags):
-    """Rank 0 locks out_dir; every rank finds the checkpoint to continue: --resume PATH, or auto: the finished run's
-    file, else the newest periodic checkpoint (one that does not read, truncated, gives way to the one before it).
-    It must have been made with the same resume_flags. -> (path, checkpoint) or ("", None)"""
+    """Rank 0 locks out_dir; every rank finds the checkpoint to continue (--resume PATH, or auto: the final file, else
+    the newest checkpoint; a truncated one gives way to the one before), made with the same resume_flags."""
     if int(os.environ.get("RANK", 0)) == 0:
         lock_out_dir(args.out_dir)
     path, ckpt, final = args.resume, None, os.path.join(args.out_dir, final_name)
@@ -995,11 +974,9 @@ def start_run(args, stage, final_name, resume_flags):
 
 
 class Run:
-    """The bookkeeping of a training loop, so that the loop itself shows the method: out_dir's ownership, the data
-    the run continues on, the progress bar, the log line (and TensorBoard), a non-finite check and the stop signals
-    read at log steps only (a read every step would make the CPU wait for the GPU, and the GPU then for the CPU's
-    next launches), stage 2 and 3's nearest-neighbour accuracy (per step, log window and epoch), the save-or-stop
-    path, and the rotation of this run's own periodic checkpoints."""
+    """A training loop's bookkeeping, so that the loop shows the method: out_dir's ownership, the data it continues on,
+    progress bar, log line, TensorBoard, a non-finite check and stop signals read at log steps only (a read every
+    step makes the CPU wait for the GPU), stages 2-3's nearest-neighbour accuracy, the one save-or-stop path."""
 
     def __init__(self, args, stage, resume_path, ckpt, iter_num, max_iters, steps_per_epoch, data, device,
                  nn_acc=False):
@@ -1058,9 +1035,8 @@ class Run:
         self.monitor["count"] += len(vals)
 
     def step(self, iter_num, loss, lr=None, acc=None, grad_norm=None):
-        """After each optimizer step: loss (the step's, a device scalar or vector), the lr, acc (stages 2 and 3: the
-        step's nearest-neighbour accuracy), the gradient norm (with --clip_grad). At log steps the log line; at epoch
-        ends the epoch's accuracy."""
+        """After each optimizer step: its loss (a device scalar or vector), lr, nearest-neighbour accuracy, gradient
+        norm; at log steps the log line."""
         self.nonfinite_at = torch.where((self.nonfinite_at < 0) & ~torch.isfinite(loss).all(), iter_num - 1,
                                         self.nonfinite_at)
         self.images += self.args.batch_size
@@ -1100,8 +1076,8 @@ class Run:
             self.pbar.set_postfix(self.postfix)
 
     def save(self, name, checkpoint):
-        """Every rank checks, rank 0 writes checkpoint() with the run's own state; of the periodic checkpoints this
-        run wrote, the newest keep_last stay."""
+        """Every rank checks, rank 0 writes checkpoint() and the run's state; of the periodic checkpoints this run
+        wrote, the newest keep_last stay."""
         self.check_finite()
         self.flush_acc()
         ckpts = self.ckpts + [name] * (name.startswith("ckpt_") and name not in self.ckpts)
@@ -1117,9 +1093,9 @@ class Run:
         self.ckpts, self.written = keep, True
 
     def save_or_stop(self, iter_num, checkpoint, evaluate=None):
-        """The one save-or-stop path, after step(): a stop is read at log steps before the last (the last writes the
-        final file). The checkpoint due at this step, or before an evaluation that reads images (a bad val image
-        cannot cost the training), then the evaluation, then the stop: every rank leaves, exit 0."""
+        """After step(): a stop is read at log steps before the last (the last writes the final file). The checkpoint
+        due, or before an evaluation that reads images (a bad val image cannot cost the training), the evaluation,
+        the epoch's accuracy, the stop: every rank leaves, exit 0."""
         stop = self.at_log and iter_num < self.max_iters and stop_requested(self.device)
         if iter_num < self.max_iters and (iter_num % self.args.ckpt_interval == 0 or stop or evaluate is not None):
             self.save(f"ckpt_{iter_num:08d}.pt", checkpoint)
@@ -1154,8 +1130,8 @@ class Run:
 
 
 def clip_grad(params, max_norm, scaler, optimizer):
-    """--clip_grad: the gradients' total norm clipped to max_norm, after the fp16 scaler's unscale -> the norm before
-    clipping (on the device: read at log steps), or None when off."""
+    """--clip_grad: the total gradient norm clipped to max_norm (after the fp16 scaler's unscale) -> the norm before,
+    on the device, or None when off."""
     if not max_norm:
         return None
     scaler.unscale_(optimizer)
@@ -1169,15 +1145,14 @@ def due(iter_num, *evaluations):
 
 
 class KnnMonitor:
-    """--knn_interval: k-NN top-1 (k 10, weights exp(sim / 0.07), L2-normalised pooled features: knn.py's rule, ties
-    aside) of an encoder on fixed seeded subsets of train (the bank) and val (the queries), centre squares. The same
-    number on any number of processes: the features are gathered in the subsets' order."""
+    """--knn_interval: k-NN top-1 (k 10, weights exp(sim / 0.07): knn.py's rule, ties aside) of an encoder on fixed,
+    seeded subsets of train (the bank) and val (the queries), centre squares; any number of processes, one number."""
 
     def __init__(self, args, img_size, device, autocast):
         self.args, self.device, self.autocast, self.sets, self.loaders = args, device, autocast, [], []
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         for split, size in (("train", args.knn_bank), ("val", args.knn_queries)):
-            ds = ImageFolder(split_folder(args.data_path, split), img_size, centre_square, None, 0,
+            ds = ImageFolder(os.path.join(args.data_path, split), img_size, centre_square, None, 0,
                              args.skip_bad_images, resize=device == "cpu", leave_out=True)
             if not ds.classes:
                 fail(f"--knn_interval needs class folders in {ds.root}: the monitor counts labels")

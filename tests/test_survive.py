@@ -437,10 +437,12 @@ def test_a_stop_signal_during_feature_extraction_stops_it(s, tmp_path, script, e
 
 
 def test_workers_never_hang_nor_outlive_back_to_back_runs(s, tmp_path):
-    """knn.py and probe.py with the default 8 workers, one process and two: every run ends, and no process is left
+    """knn.py and probe.py with workers, one process and two, back to back: every run ends, and no process is left
     (the workers are started by spawn, not by a fork of a process whose threads come and go: CPython gh-112275).
-    SIGKILL of the main process during an extraction: its workers end with it."""
-    base = ["--data_path", s["data"], "--init", s["mae"], "--device", "cpu", "--crop_pct", "1", "--batch_size", "4"]
+    SIGKILL of the main process during an extraction: its workers end with it. (scripts/worker_soak.sh: the same,
+    many times over, with the default 8 workers.)"""
+    base = ["--data_path", s["data"], "--init", s["mae"], "--device", "cpu", "--crop_pct", "1", "--batch_size", "4",
+            "--num_workers", "3"]
     runs = [[sys.executable, "knn.py", *base, "--k", "1"]] + [
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "knn.py", *base,
          "--k", "1"], [sys.executable, "probe.py", *base, "--logreg", "1", "--per_class", "2"]]
