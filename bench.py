@@ -5,11 +5,15 @@ Speed of MAE-CT's training steps, feature extraction and input pipeline, on synt
     python bench.py --device cuda --compile 0,1      # one GPU: vit_b16, 224 px, batch 256, bf16 autocast
     python bench.py --stages data                    # images/s per data-loading worker, ours vs the standard pipeline
     python bench.py --json 1                         # one JSON object (env, rows, wins) instead of the tables
+    python bench.py --stages kmeans                  # knn.py --kmeans at ImageNet size (1.28M x 1024, 1000 clusters)
+    python bench.py --stages workers                 # time to a loader's first batch: workers forked vs spawned
 
 Stages (--stages): mae = stage-1 step (encoder on the 25% kept patches + decoder, fwd + bwd + AdamW),
 head = stage-2 step (frozen encoder without autograd, 2 views, NNCLR head fwd + bwd + AdamW, queue),
 ct = stage-3 step (lower half of the blocks without autograd, upper half + head trained, 2 views, EMA
-updates), extract = eval forward + pooling, data = the training input pipeline (see bench_data).
+updates), extract = eval forward + pooling, data = the training input pipeline (see bench_data), kmeans = one
+k-means++ centre and one Lloyd iteration of knn.py --kmeans (see bench_kmeans), workers = the start-up of a
+loader's workers (see bench_workers).
 "images" are dataset images: an MAE step sees one crop per image (the unit of REFERENCE §8), a head or
 CT step two views per image; FLOPs and MFU count all views.
 
@@ -42,7 +46,8 @@ import vit
 # -----------------------------------------------------------------------------
 # flags; 0 / "" / "auto" = the device's default (CPU: small enough for a 2-core laptop, CUDA: the paper's B/16)
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--stages", default="mae,head,ct,extract,data", help="comma list of mae, head, ct, extract, data")
+parser.add_argument("--stages", default="mae,head,ct,extract,data",
+                    help="comma list of mae, head, ct, extract, data, kmeans, workers")
 parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
 parser.add_argument("--model", default="",
                     help=f"preset: {', '.join(vit.PRESETS)} (default: vit_b16 on CUDA, vit_tiny on CPU)")
@@ -69,6 +74,9 @@ parser.add_argument("--queue_size", type=int, default=65536, help="NNCLR queue l
 parser.add_argument("--data_images", type=int, default=200, help="JPEGs generated for --stages data")
 parser.add_argument("--data_img_size", type=int, default=224,
                     help="crop size of the data stage (the training resolution)")
+parser.add_argument("--kmeans_n", type=int, default=0, help="k-means features; 0 = 1.28M on CUDA, 128k on CPU")
+parser.add_argument("--kmeans_dim", type=int, default=1024, help="k-means feature width")
+parser.add_argument("--kmeans_clusters", type=int, default=1000, help="k-means clusters")
 parser.add_argument("--json", type=int, default=0, help="1: print one JSON object instead of markdown tables")
 parser.add_argument("--profile", type=int, default=0, help="N > 0: after each row's timing, profile one step and print "
                     "its N most expensive ops (device time on CUDA) to stderr")
@@ -353,6 +361,79 @@ def bench_data(args, device):
                      img_s=3 * n / dev, ms_per_img=1e3 * dev / (3 * n), img_size=args.data_img_size, images=3 * n))
     return rows
 
+def bench_workers(args):
+    """The time to the first batch of the stage scripts' loader (2 and 8 workers, 64 images of 32 px a batch) when
+    its workers are forked and when they are spawned (what the stage scripts do: see make_loader), median of 3."""
+    root = tempfile.mkdtemp(prefix="bench_workers_")
+    rows = []
+    try:
+        make_jpegs(root, 256, args.seed, size=(64, 64))
+        ds = mae_pretrain.ImageFolder(root, 32, mae_pretrain.val_box)
+        for workers in (2, 8):
+            for ctx in ("fork", "spawn"):
+                times = []
+                for _ in range(3):
+                    loader = torch.utils.data.DataLoader(
+                        ds, batch_size=64, sampler=[(0, i) for i in range(256)], num_workers=workers,
+                        collate_fn=mae_pretrain.collate, worker_init_fn=mae_pretrain.quiet_worker,
+                        multiprocessing_context=ctx)
+                    t0 = time.perf_counter()
+                    it = iter(loader)
+                    next(it)
+                    times.append(time.perf_counter() - t0)
+                    del it, loader
+                rows.append(dict(stage="workers", variant=f"{workers} workers, {ctx}", workers=workers,
+                                 start=ctx, first_batch_s=sorted(times)[1]))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return rows
+
+
+def bench_kmeans(args, device):
+    """knn.py --kmeans on random L2-normalised features (N x D, float32, on device), C clusters: the time of one
+    k-means++ centre (a distance pass over every feature and a draw) and of one Lloyd iteration (every feature's
+    nearest centroid, in chunks, and the float64 sums), each the median of a few; and what they make at ImageNet size
+    (N = 1,281,167), scaled linearly in N where N is smaller (both are O(N) for fixed D and C)."""
+    import knn
+    n = args.kmeans_n or (1_281_167 if device.startswith("cuda") else 128_000)
+    d, c = args.kmeans_dim, args.kmeans_clusters
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    x = F.normalize(torch.randn(n, d, device=device, generator=g), dim=1)
+    chunk = max(1, 2 ** 26 // c)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    x_sq = x.square().sum(1)
+
+    def centre():  # one k-means++ step, as knn.kmeans takes it: distances to the newest centre, a draw
+        d2 = (x_sq - 2 * (x @ x[0]) + x[0].square().sum()).clamp_(min=0).double()
+        torch.multinomial(d2 / d2.sum(), 1, generator=g)
+
+    centroids = x[torch.randperm(n, generator=g, device=device)[:c]]
+
+    def iteration():  # one Lloyd iteration: the assignment, then the float64 sums of the update
+        assign = knn.sq_dists_argmin(x, x_sq, centroids, chunk)[0]
+        sums = torch.zeros(c, d, dtype=torch.float64, device=device)
+        for s in range(0, n, chunk):
+            sums.index_add_(0, assign[s:s + chunk], x[s:s + chunk].double())
+        torch.bincount(assign, minlength=c)
+
+    times = {}
+    for name, fn, reps in (("centre", centre, 10), ("iteration", iteration, 3)):
+        fn()  # warm-up
+        ts = []
+        for _ in range(reps):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            ts.append(time.perf_counter() - t0)
+        times[name] = sorted(ts)[len(ts) // 2]
+    scale = 1_281_167 / n
+    return [dict(stage="kmeans", variant=f"{n} x {d} features, {c} clusters", n=n, dim=d, clusters=c,
+                 ms_centre=1e3 * times["centre"], s_iteration=times["iteration"],
+                 imagenet_init_s=c * times["centre"] * scale, imagenet_iteration_s=times["iteration"] * scale,
+                 scaled=scale != 1)]
+
 # -----------------------------------------------------------------------------
 # running and printing
 
@@ -466,8 +547,8 @@ def main(args):
     if not args.peak_tflops and use_cuda:
         args.peak_tflops = next((v for k, v in PEAKS.items() if k in gpu), 0.0)
     stages = args.stages.split(",")
-    if any(s not in ("mae", "head", "ct", "extract", "data") for s in stages):
-        fail(f"--stages {args.stages}: choose from mae, head, ct, extract, data")
+    if any(s not in ("mae", "head", "ct", "extract", "data", "kmeans", "workers") for s in stages):
+        fail(f"--stages {args.stages}: choose from mae, head, ct, extract, data, kmeans, workers")
     if any(a not in ("sdpa", "math", "flash_attn") for a in args.attn.split(",")):
         fail(f"--attn {args.attn}: choose from sdpa, math, flash_attn")
     if "flash_attn" in args.attn and (not use_cuda or vit.flash_attn_qkvpacked_func is None):
@@ -486,8 +567,9 @@ def main(args):
                iters=args.iters, peak_tflops=args.peak_tflops or None)
     rows, wins = [], []
     for stage in stages:
-        if stage == "data":
-            rows += bench_data(args, device)
+        if stage in ("data", "kmeans", "workers"):
+            rows += dict(data=lambda: bench_data(args, device), kmeans=lambda: bench_kmeans(args, device),
+                         workers=lambda: bench_workers(args))[stage]()
             continue
         base = None
         for cfg, win in configs(args, stage, use_cuda):
@@ -500,7 +582,7 @@ def main(args):
     if args.json:
         print(json.dumps(dict(env=env, rows=rows, wins=wins)))
         return
-    steps = [r for r in rows if r["stage"] != "data"]
+    steps = [r for r in rows if r["stage"] not in ("data", "kmeans", "workers")]
     if steps:
         print(f"{env['device']}, torch {env['torch']}, {args.model} {bench.model_args}, batch {args.batch_size}, "
               f"{args.warmup} warm-up + {args.iters} timed steps"
@@ -523,6 +605,17 @@ def main(args):
               f"{args.data_img_size} px crops:\n")
         print(markdown(data, [("pipeline", "variant", 0), ("img/s", "img_s", 1), ("ms/img", "ms_per_img", 2),
                               ("speedup", "speedup", 2)]))
+    ws = [r for r in rows if r["stage"] == "workers"]
+    if ws:
+        print(f"\nloader start-up ({os.cpu_count()} CPUs): time to the first batch, median of 3:\n")
+        print(markdown(ws, [("workers", "variant", 0), ("first batch, s", "first_batch_s", 2)]))
+    km = [r for r in rows if r["stage"] == "kmeans"]
+    if km:
+        print(f"\nk-means ({env['device']}): one k-means++ centre, one Lloyd iteration, and at ImageNet size "
+              f"(1,281,167 features; {'scaled linearly in N' if km[0]['scaled'] else 'measured'}):\n")
+        print(markdown(km, [("features", "variant", 0), ("ms / centre", "ms_centre", 1),
+                            ("s / iteration", "s_iteration", 2), ("ImageNet: k-means++ start, s", "imagenet_init_s", 0),
+                            ("ImageNet: s / iteration", "imagenet_iteration_s", 1)]))
 
 
 if __name__ == "__main__":

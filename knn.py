@@ -89,16 +89,14 @@ def knn_classify(bank, bank_labels, queries, ks, temperature, num_classes, chunk
     return {k: torch.cat(p) for k, p in preds.items()}
 
 
-def sq_dists_argmin(x, centroids, chunk):
-    """For every row of x (N, D), the nearest centroid (C, D) and its squared distance, chunk rows at a time: the
-    (N, C) distance matrix is never built whole. -> (N,) int64, (N,) float32"""
-    cn = centroids.square().sum(1)  # ||c||^2
+def sq_dists_argmin(x, x_sq, centroids, chunk):
+    """For every row of x (N, D) (x_sq: its squared norms), the nearest centroid (C, D) and its squared distance,
+    chunk rows at a time: the (N, C) distance matrix is never built whole. -> (N,) int64, (N,) float32"""
+    c_sq = centroids.square().sum(1)
     idx, d2 = torch.empty(len(x), dtype=torch.long, device=x.device), torch.empty(len(x), device=x.device)
     for s in range(0, len(x), chunk):
-        d = cn - 2 * x[s:s + chunk] @ centroids.T  # (c, C): ||x - c||^2 - ||x||^2
-        best = d.min(dim=1)
-        idx[s:s + chunk] = best.indices
-        d2[s:s + chunk] = (best.values + x[s:s + chunk].square().sum(1)).clamp_(min=0)
+        best = (c_sq - 2 * x[s:s + chunk] @ centroids.T).min(dim=1)  # (c, C): ||x - c||^2 - ||x||^2
+        idx[s:s + chunk], d2[s:s + chunk] = best.indices, (best.values + x_sq[s:s + chunk]).clamp_(min=0)
     return idx, d2
 
 
@@ -111,15 +109,20 @@ def kmeans(x, k, seed, max_iters=300, chunk=None):
     -> (assignment (N,) int64, centroids (k, D), inertia, iterations, converged)"""
     g = torch.Generator(device=x.device).manual_seed(seed)
     chunk = chunk or max(1, 2 ** 26 // k)  # rows per distance block: 2^26 floats (256 MB)
+    x_sq = x.square().sum(1)
+
+    def sq_dists_to(p):  # (N,) squared distances to one point p (1, D): one pass over x
+        return (x_sq - 2 * (x @ p[0]) + p.square().sum()).clamp_(min=0).double()
+
     centroids = x[torch.randint(len(x), (1,), generator=g, device=x.device)]
-    d2 = sq_dists_argmin(x, centroids, chunk)[1].double()
+    d2 = sq_dists_to(centroids)
     for _ in range(1, k):
         pick = torch.multinomial(d2 / d2.sum() if d2.sum() > 0 else torch.ones_like(d2), 1, generator=g)
         centroids = torch.cat([centroids, x[pick]])
-        d2 = torch.minimum(d2, sq_dists_argmin(x, x[pick], chunk)[1].double())
+        d2 = torch.minimum(d2, sq_dists_to(x[pick]))
     assign, converged = None, False
     for it in range(1, max_iters + 1):
-        new, d2 = sq_dists_argmin(x, centroids, chunk)
+        new, d2 = sq_dists_argmin(x, x_sq, centroids, chunk)
         if assign is not None and torch.equal(new, assign):
             converged = True
             break
@@ -610,15 +613,13 @@ def lock_out_dir(out_dir):
                 fail(f"--out_dir {out_dir} is in use by another run ({holder}): wait for it, use another out_dir, "
                      f"or if that run is gone (its node died), delete {path}")
             except OSError as e:  # a file system without locks: run, but say so
-                print(f"warning: cannot lock {path} ({e.strerror}): a second run would not be stopped",
-                      file=sys.stderr)
+                print(f"warning: cannot lock {path} ({e.strerror}): a second run would not be stopped", file=sys.stderr)
             if os.path.exists(path) and os.path.samestat(os.fstat(fd), os.stat(path)):
                 break
             os.close(fd)
         stale = os.read(fd, 200).decode(errors="replace").strip()
         if stale and stale != me:  # (me: main() called again in one process)
-            print(f"warning: taking over the lock {path} of {stale}, which ended without releasing it",
-                  file=sys.stderr)
+            print(f"warning: taking over the lock {path} of {stale}, which ended without releasing it", file=sys.stderr)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{me}\n".encode(), 0)
     except OSError as e:  # FileExistsError: out_dir is a file

@@ -686,15 +686,13 @@ def lock_out_dir(out_dir):
                 fail(f"--out_dir {out_dir} is in use by another run ({holder}): wait for it, use another out_dir, "
                      f"or if that run is gone (its node died), delete {path}")
             except OSError as e:  # a file system without locks: run, but say so
-                print(f"warning: cannot lock {path} ({e.strerror}): a second run would not be stopped",
-                      file=sys.stderr)
+                print(f"warning: cannot lock {path} ({e.strerror}): a second run would not be stopped", file=sys.stderr)
             if os.path.exists(path) and os.path.samestat(os.fstat(fd), os.stat(path)):
                 break
             os.close(fd)
         stale = os.read(fd, 200).decode(errors="replace").strip()
         if stale and stale != me:  # (me: main() called again in one process)
-            print(f"warning: taking over the lock {path} of {stale}, which ended without releasing it",
-                  file=sys.stderr)
+            print(f"warning: taking over the lock {path} of {stale}, which ended without releasing it", file=sys.stderr)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{me}\n".encode(), 0)
     except OSError as e:  # FileExistsError: out_dir is a file
@@ -899,13 +897,7 @@ class Run:
         self.monitor = dict(ckpt["monitor"]) if ckpt and nn_acc else dict(epoch=-1, correct=0.0, count=0)
         self.pending, self.window = [], []  # accuracies per step: still on the device / since the last log line
         self.nonfinite_at = torch.tensor(-1, device=device)  # the first iteration with a non-finite loss
-        self.tb = None
-        if getattr(args, "tensorboard", 0) and self.master:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                fail("--tensorboard 1 needs the tensorboard package: pip install tensorboard")
-            self.tb = SummaryWriter(os.path.join(self.out_dir, "tb"), purge_step=iter_num or None)
+        self.tb = tensorboard(self.out_dir, iter_num) if getattr(args, "tensorboard", 0) and self.master else None
         self.pbar = tqdm(total=max_iters, initial=iter_num, disable=not self.master, dynamic_ncols=True)
         self.t0, self.images, self.at_log, self.postfix, self.knn_top1 = time.time(), 0, False, {}, None
 
@@ -959,9 +951,8 @@ class Run:
                 self.flush_acc()
                 entry["nn_acc"] = round(sum(self.window) / len(self.window), 4)
                 self.window.clear()
-            entry.update({} if lr is None else dict(lr=lr), img_per_s=round(self.images / (time.time() - self.t0), 1))
-            if grad_norm is not None:
-                entry["grad_norm"] = round(grad_norm.item(), 5)
+            entry.update({} if lr is None else dict(lr=lr), img_per_s=round(self.images / (time.time() - self.t0), 1),
+                         **({} if grad_norm is None else dict(grad_norm=round(grad_norm.item(), 5))))
             self.postfix.update(loss=f"{min(loss) if isinstance(loss, list) else loss:.4f}",
                                 **{k: f"{entry[k]:.3f}" for k in ("nn_acc",) if k in entry},
                                 **({"lr": f"{lr:.2e}"} if lr is not None else {}), img_s=f"{entry['img_per_s']:.0f}")
@@ -1027,6 +1018,14 @@ class Run:
         if after is not None:
             self.evaluate(after, self.max_iters)
         leave()
+
+
+def tensorboard(out_dir, iter_num):  # --tensorboard: event files in out_dir/tb (a resumed run drops later steps)
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        fail("--tensorboard 1 needs the tensorboard package: pip install tensorboard")
+    return SummaryWriter(os.path.join(out_dir, "tb"), purge_step=iter_num or None)
 
 
 def clip_grad(params, max_norm, scaler, optimizer):

@@ -54,7 +54,8 @@ parser.add_argument("--lowshot_splits", type=int, default=3,
                     "subsets (seeds seed, seed+1, ...), as the papers average over 3 splits")
 parser.add_argument("--crop_pct", type=float, default=1.0,
                     help="evaluation centre crop (1.0 for CIFAR-sized data, 0.875 for ImageNet)")
-parser.add_argument("--num_workers", type=int, default=2)
+parser.add_argument("--num_workers", type=int, default=0,
+                    help="data-loading workers per stage (0: the stage decodes, enough for small CPU runs; GPUs: 8)")
 parser.add_argument("--device", default="auto")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--kmeans_runs", type=int, default=5, help="k-means clustering: seeded runs per encoder (0: skip)")
