@@ -247,6 +247,8 @@ def same(a, b, path):
     else:
         assert a == b, f"{path}: {a!r} != {b!r}"
 ref["args"].pop("out_dir"), run["args"].pop("out_dir")  # the one flag that differs
+# the checkpoints each run wrote (its rotation list): the requeued run wrote one more, the one it resumed from
+assert ref.pop("ckpts") == [] and run.pop("ckpts") != [], "ckpts: the reference wrote none, the requeued run one"
 try:
     same(ref, run, "ct.pt")
 except AssertionError as e:
