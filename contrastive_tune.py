@@ -427,7 +427,7 @@ def main(args):
     # training loop
     if master_process:
         n_train = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
-        print(f"contrastive tuning of the {model_args} encoder from {init_path} with the head of {head_path}: "
+        print(f"contrastive tuning of the {model_args} encoder from {args.init} with the head of {args.head}: "
               f"blocks {freeze}-{model_args['depth'] - 1} + norm + head trained ({n_train / 1e6:.1f}M params), "
               f"{pool} pooling, queue {tuple(queue.vectors.shape)}, top-{args.topk}; {len(train_set)} train images, "
               f"{steps_per_epoch} steps/epoch, {max_iters} iterations, lr {lr:.3g} (head {head_lr:.3g}), {dtype}, "

@@ -107,8 +107,12 @@ def stop_between_stages(signum, frame):  # a signal while no stage runs ends pip
     raise Stopped
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))  # the stage scripts sit next to this one
 IGNORED = {"--num_workers", "--device", "--resume", "--log_interval", "--ckpt_interval", "--keep_last",
            "--eval_interval", "--tensorboard", "--compile"}  # flags that do not change a stage's result
+
+
+PATHS = {"--data_path", "--out_dir", "--init", "--head"}  # compared as the folders they name, however written
 
 
 def flag_values(cmd):
@@ -119,7 +123,7 @@ def flag_values(cmd):
             key = token
             flags[key] = []
         elif key is not None:
-            flags[key].append(token)
+            flags[key].append(os.path.abspath(token) if key in PATHS else token)
     return {k: v for k, v in flags.items() if k not in IGNORED}
 
 
@@ -129,7 +133,7 @@ def run(label, done, script, *flags):
     (alone or with its process group, as timeout, SLURM or a terminal's Ctrl-C send them) reach it once, passed on
     here. A stage that fails stops the pipeline, and so does one a signal stopped (it checkpoints and exits 0
     without its output)."""
-    cmd = [script, *[str(f) for f in flags]]
+    cmd = [os.path.relpath(os.path.join(HERE, script)), *[str(f) for f in flags]]
     if done():
         old = records.get(label)
         if old is None:
@@ -143,7 +147,8 @@ def run(label, done, script, *flags):
         return
     launcher = [sys.executable] if args.nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                           f"--nproc_per_node={args.nproc}"]
-    print(f"\n=== {label}: {' '.join(shlex.quote(c) for c in launcher + cmd)}", flush=True)
+    shown = ["torchrun", *launcher[3:]] if args.nproc > 1 else ["python"]  # not this machine's interpreter path
+    print(f"\n=== {label}: {' '.join(shlex.quote(c) for c in shown + cmd)}", flush=True)
     t0, p, stopped = time.time(), None, []
 
     def stop(signum, frame):
@@ -152,7 +157,7 @@ def run(label, done, script, *flags):
             p.send_signal(signum)
 
     handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
-    p = subprocess.Popen(launcher + cmd, cwd=os.path.dirname(os.path.abspath(__file__)), start_new_session=True)
+    p = subprocess.Popen(launcher + cmd, start_new_session=True)  # in the user's folder: the paths as given
     rc = p.wait()
     for s, h in handlers.items():
         signal.signal(s, h)
@@ -161,7 +166,7 @@ def run(label, done, script, *flags):
     if rc != 0:
         fail(f"stage {label} failed (exit {rc}); run the same command to continue")
     times[label] = time.time() - t0
-    records[label] = cmd
+    records[label] = [os.path.abspath(t) if k in PATHS else t for k, t in zip([""] + cmd, cmd)]  # any cwd
     write_atomic(os.path.join(out, "stages.json"), json.dumps(records, indent=1) + "\n")
 
 
@@ -189,10 +194,10 @@ for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
 out = os.path.abspath(args.out_dir)
 os.makedirs(out, exist_ok=True)
 records = json.load(open(os.path.join(out, "stages.json"))) if os.path.exists(os.path.join(out, "stages.json")) else {}
-data = args.data_path or os.path.join(out, "data")
+data = args.data_path or os.path.join(args.out_dir, "data")
 try:
     if not args.data_path and not os.path.isdir(data):  # generated whole into a temp folder, then renamed
-        print(f"generating a small image folder in {os.path.join(args.out_dir, 'data')}")
+        print(f"generating a small image folder in {data}")
         for old in (f for f in os.listdir(out) if f.startswith("data.tmp-")):  # left by a run stopped mid-way
             shutil.rmtree(os.path.join(out, old))
         tmp = os.path.join(out, f"data.tmp-{os.getpid()}")
@@ -202,7 +207,6 @@ except Stopped:
     fail("stopped by signal while generating the image folder; run the same command to continue")
 except OSError as e:
     fail(f"cannot write {e.filename or data}: {e.strerror} (run the same command to continue)")
-data = os.path.abspath(data)
 common = ["--data_path", data, "--num_workers", args.num_workers, "--device", args.device]
 seed = ["--seed", args.seed]  # knn.py draws nothing at random
 model = ["--model", args.model, "--img_size", args.img_size, "--patch_size", args.patch_size, "--dim", args.dim,
@@ -217,7 +221,7 @@ t_start = time.time()
 
 try:
     # 1-3: the three training stages, each skipped when its final file exists
-    mae_pt, head_pt, ct_pt = (os.path.join(out, d, f) for d, f in (("mae", "mae.pt"), ("head", "head.pt"),
+    mae_pt, head_pt, ct_pt = (os.path.join(args.out_dir, d, f) for d, f in (("mae", "mae.pt"), ("head", "head.pt"),
                                                                     ("ct", "ct.pt")))
     run("MAE pretraining", lambda: os.path.exists(mae_pt), "mae_pretrain.py", *common, *seed, *model,
         "--out_dir", os.path.dirname(mae_pt), "--dec_dim", args.dec_dim, "--dec_depth", args.dec_depth,
@@ -234,7 +238,7 @@ try:
     results = {}
     splits = range(args.seed, args.seed + args.lowshot_splits) if args.lowshot else ()
     for enc, ckpt in (("MAE", mae_pt), ("MAE-CT", ct_pt)):
-        ev = os.path.join(out, f"eval_{enc.lower().replace('-', '')}")
+        ev = os.path.join(args.out_dir, f"eval_{enc.lower().replace('-', '')}")
         knn_log, probe_log, kmeans_log = (os.path.join(ev, d, "log.txt") for d in ("knn", "probe", "kmeans"))
         logreg_logs = [os.path.join(ev, f"logreg_s{s}", "log.txt") for s in splits]
         evaluate = [*common, "--init", ckpt, "--pool", args.pool, "--crop_pct", args.crop_pct]
@@ -275,7 +279,7 @@ for enc in ("MAE", "MAE-CT"):
     lines.append(f"| {enc} | " + " | ".join(fmt(results[enc][k]) for k, _ in cols) + " |")
 lines.append("| Δ | " + " | ".join(
     "–" if results["MAE"][k] is None else f"{results['MAE-CT'][k] - results['MAE'][k]:+.1f}" for k, _ in cols) + " |")
-val = os.path.join(args.data_path or os.path.join(args.out_dir, "data"), "val")  # as the user gave it
+val = os.path.join(data, "val")  # as the user gave it
 lines += ["", f"top-1, ACC and NMI (%) on {val}; pooling {args.pool}; command: python "
           f"{' '.join(shlex.quote(a) for a in sys.argv)}"]
 if times:

@@ -79,7 +79,16 @@ def test_a_rerun_with_other_flags_is_refused_not_skipped(tmp_path):
     (before: exit 0 at once, the old table under the new command). Flags that change nothing (workers) are fine."""
     out = tmp_path / "p"
     quick = [*TINY, "--lowshot", "0", "--kmeans_runs", "0"]
-    run_script("pipeline.py", "--out_dir", out, *quick, timeout=900)
+    # started in the user's folder with a relative out_dir: the printed commands and paths are the user's own
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "pipeline.py"), "--out_dir", "p", *quick], cwd=tmp_path,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert str(tmp_path) not in p.stdout + p.stderr and sys.executable not in p.stdout, p.stdout[-3000:]
+    assert "\n=== MAE pretraining: python " in p.stdout and "--out_dir p/mae " in p.stdout
+    assert "wrote p/ct/ct.pt" in p.stdout and "on p/data/val;" in (out / "results.md").read_text()
+    # from another folder, the same out_dir by its absolute path: the same stages, nothing runs
+    p = run_script("pipeline.py", "--out_dir", out, *quick)
+    assert "===" not in p.stdout
     p = run_script("pipeline.py", "--out_dir", out, *quick, "--mask_ratio", "0.5", check=False)
     assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == (
         "error: stage MAE pretraining was run with --mask_ratio 0.75, this command gives --mask_ratio 0.5: use "
