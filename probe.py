@@ -1229,7 +1229,8 @@ class KnnMonitor:
 
     @torch.no_grad()
     def __call__(self, encode, dim, pool):
-        """encode: images -> tokens (B, 1+N, D). -> top-1 (%)"""
+        """encode: images -> tokens (B, 1+N, D). -> top-1 (%); its cost in seconds -> self.seconds"""
+        t0 = time.time()
         (bank, bank_labels), (queries, labels) = (
             extract_features(encode, ds, pool, dim, 256, 0, self.device, self.autocast, desc, loader)
             for ds, loader, desc in zip(self.sets, self.loaders, ("k-NN bank", "k-NN queries")))
@@ -1238,7 +1239,9 @@ class KnnMonitor:
         for s in range(0, len(queries), 1024):  # (c, bank) similarities, block by block
             sim, idx = (queries[s:s + 1024] @ bank.T).topk(min(10, len(bank)), dim=1)
             votes[s:s + 1024].scatter_add_(1, bank_labels[idx], (sim / 0.07).exp())
-        return 100.0 * (votes.argmax(1) == labels).double().mean().item()
+        top1 = 100.0 * (votes.argmax(1) == labels).double().mean().item()
+        self.seconds = time.time() - t0
+        return top1
 
 # ---- end of training only ----
 

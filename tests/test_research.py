@@ -63,6 +63,7 @@ def test_knn_while_training_is_logged_and_equals_knn_py_on_the_subsets(s, tmp_pa
                    "--blr", "0")  # the weights stay those of iteration 0: the reference can recompute them
     entries = [e for e in log(out) if "knn_top1" in e]
     assert [e["iter"] for e in entries] == [2, 4] and "k-NN top-1" in p.stdout + p.stderr
+    assert all(isinstance(e["knn_s"], float) and 0 <= e["knn_s"] < 60 for e in entries)  # its cost, in seconds
     import random
     enc = vit.load_encoder(str(out / "mae.pt"))
     feats = {}
