@@ -12,6 +12,7 @@ out_dir/log.txt (JSON lines: loss, nearest-neighbour accuracy, img/s).
 import argparse
 import atexit
 import ctypes
+import faulthandler
 import fcntl
 import functools
 import glob
@@ -25,8 +26,12 @@ import re
 import signal
 import socket
 import sys
+import threading
 import time
 from contextlib import nullcontext
+
+if __name__ == "__mp_main__" and sys.platform == "linux":  # a data-loading worker, starting: it ends with its
+    ctypes.CDLL(None).prctl(1, 9)  # parent (PR_SET_PDEATHSIG, SIGKILL) even while importing torch (seconds)
 
 import numpy as np
 import torch
@@ -243,6 +248,8 @@ parser.add_argument("--log_interval", type=int, default=20, help="iterations")
 parser.add_argument("--ckpt_interval", type=int, default=1000, help="iterations between checkpoints")
 parser.add_argument("--keep_last", type=int, default=2, help="periodic checkpoints kept (0 = all)")
 parser.add_argument("--skip_bad_images", type=int, default=0, help="1: log unreadable images and use others")
+parser.add_argument("--stall_timeout", type=float, default=300,
+                    help="seconds without a batch and without CPU use before a loader counts as stalled (0: off)")
 parser.add_argument("--max_iters", type=int, default=0, help="stop after this many iterations (0 = epochs)")
 parser.add_argument("--clip_grad", type=float, default=0.0, help="clip the gradient norm to this (0: off, authors')")
 parser.add_argument("--tensorboard", type=int, default=0, help="1: also write TensorBoard events to out_dir/tb")
@@ -388,6 +395,7 @@ def check_flags(args, rules):
     bad = []
     for flags, wanted, ok in rules + [("num_workers", ">= 0", lambda v: v >= 0),
                                       ("compile skip_bad_images", "0 or 1", lambda v: v in (0, 1)),
+                                      ("stall_timeout", ">= 0 seconds", lambda v: v >= 0),
                                       ("device", "auto, cpu, cuda or cuda:N",
                                        lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v))]:
         for flag in flags.split():
@@ -408,8 +416,11 @@ def compute_init(args, tf32=True):
     if use_cuda and not torch.cuda.is_available():
         fail(f"--device {args.device}: torch finds no CUDA GPU on this machine (use --device cpu)")
     ddp = int(os.environ.get("RANK", -1)) != -1
+    if ddp and "TORCHELASTIC_RUN_ID" in os.environ:
+        end_with_launcher()
     if ddp:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    WATCHDOG.start(args.stall_timeout)
     ddp_rank, ddp_world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu"
     if use_cuda:
@@ -455,6 +466,119 @@ def leave(msg=""):
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# no wait without end, no process left behind
+
+def cpu_seconds(pid, tid=""):
+    """User + system CPU seconds a process (or one of its threads) has used (Linux /proc); None once it is gone, or
+    without /proc."""
+    try:
+        with open(f"/proc/{pid}/{f'task/{tid}/' if tid else ''}stat") as f:
+            fields = f.read().rpartition(")")[2].split()  # after the name, which may hold spaces
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def children(pid):
+    """{pid: what} of the live processes pid started: data-loading workers and multiprocessing's resource tracker."""
+    kids = {}
+    for d in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        try:
+            if d.isdigit() and int(open(f"/proc/{d}/stat").read().rpartition(")")[2].split()[1]) == pid:
+                kids[int(d)] = "resource tracker" if b"resource_tracker" in open(f"/proc/{d}/cmdline", "rb").read() \
+                    else "worker"
+        except (OSError, ValueError, IndexError):  # it ended while being read
+            pass
+    return kids
+
+
+class Watchdog:
+    """--stall_timeout S: a thread that watches every wait for a data loader's batch, its workers' start-up included.
+    No batch for S seconds while the process or its workers compute (over 1% of a core) is a slow start: one note,
+    and the wait goes on. No batch for S seconds and no CPU used is a stall (a worker blocked on a dead file system,
+    a lock no one will release): one line naming the loader, the rank and the workers alive, then the Python stack of
+    every thread of the process and of its workers (faulthandler), then exit 3, instead of waiting forever."""
+
+    def __init__(self):
+        self.timeout, self.where, self.since, self.waits, self.thread = 0, "", None, 0, None
+
+    def start(self, timeout):
+        self.timeout = timeout
+        if timeout and self.thread is None:
+            self.thread = threading.Thread(target=self.watch, daemon=True)
+            self.thread.start()
+
+    def batches(self, it, where):  # it's items, each wait for one watched
+        while True:
+            self.where, self.since, self.waits = where, time.monotonic(), self.waits + 1
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            finally:
+                self.since = None
+            yield item
+
+    def watch(self):
+        tick, base, noted = min(5.0, self.timeout / 10), None, None
+        while True:
+            time.sleep(tick)
+            waits, since, where = self.waits, self.since, self.where
+            if since is None:
+                continue
+            procs = {os.getpid(): "main", **children(os.getpid())}  # the main thread only: not this one
+            cpu, now = {p: cpu_seconds(p, p if what == "main" else "") for p, what in procs.items()}, time.monotonic()
+            if base is None or base[0] != waits:  # a new wait: CPU counted from here
+                base = (waits, now, cpu)
+                continue
+            if now - base[1] < self.timeout - tick:
+                continue
+            used = sum(max(0.0, c - base[2].get(p, 0.0)) for p, c in cpu.items() if c is not None)
+            rank, waited = int(os.environ.get("RANK", 0)), now - since
+            workers = sorted(p for p, what in procs.items() if what == "worker")
+            if used <= 0.01 * (now - base[1]):
+                self.stall(rank, where, waited, workers)
+            if noted != waits:
+                tqdm.write(f"note: rank {rank} has waited {waited:.0f} s for a batch of the {where} loader; its "
+                           f"processes are computing ({used:.1f} CPU s in the last {now - base[1]:.0f} s): slow, not "
+                           f"stalled, waiting on", file=sys.stderr)
+                noted = waits
+            base = (waits, now, cpu)
+
+    def stall(self, rank, where, waited, workers):
+        tqdm.write(f"error: stalled: rank {rank} has waited {waited:.0f} s for a batch of the {where} loader, and "
+                   f"neither it nor its workers used any CPU for {self.timeout:g} s (--stall_timeout); workers alive: "
+                   f"{' '.join(map(str, workers)) or 'none'}; the Python stacks follow", file=sys.stderr)
+        sys.stderr.write(f"--- the main process, pid {os.getpid()} (the current thread is this watchdog's):\n")
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        for p in workers:  # each dumps its own stack (quiet_worker registered SIGUSR2 for that), then is killed
+            sys.stderr.write(f"--- worker pid {p}:\n")
+            sys.stderr.flush()
+            os.kill(p, signal.SIGUSR2)
+            time.sleep(0.5)
+        for p in workers:
+            os.kill(p, signal.SIGKILL)
+        os._exit(3)
+
+
+WATCHDOG = Watchdog()
+
+
+def end_with_launcher():
+    """torchrun starts each rank in a session of its own: a SIGKILL to torchrun would leave its ranks (and their
+    workers) running. A thread ends this rank when torchrun is gone, however it ended."""
+    launcher = os.getppid()
+
+    def watch():
+        while os.getppid() == launcher:
+            time.sleep(1)
+        os.write(2, f"error: torchrun (pid {launcher}) has ended; rank {os.environ['RANK']} ends with it\n".encode())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 # -----------------------------------------------------------------------------
@@ -591,6 +715,7 @@ def quiet_worker(worker_id):
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     if sys.platform == "linux":  # PR_SET_PDEATHSIG = 1: SIGKILL when the parent ends, however it ends
         ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))
+    faulthandler.register(signal.SIGUSR2, all_threads=True)  # the stall watchdog asks for this worker's stack
     parent = multiprocessing.parent_process()
     if parent is not None and os.getppid() != parent.pid:  # the parent ended while this worker started
         os._exit(0)
@@ -598,23 +723,40 @@ def quiet_worker(worker_id):
 
 def make_loader(dataset, batch_size, sampler, num_workers, device, persistent=True):
     """Workers are started fresh ("spawn"), never forked: a fork while another thread starts or ends can leave the
-    new worker waiting forever on a lock held at the fork (CPython gh-112275)."""
+    new worker waiting forever on a lock held at the fork (CPython gh-112275). Each is a new Python that imports torch
+    (seconds of CPU), so no more start than there are batches, or CPUs for this process (its share of the node's)."""
+    total = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    cpus = max(1, total // local)
+    if num_workers > cpus and not NOTED_CPUS and int(os.environ.get("RANK", 0)) == 0:
+        print(f"note: {cpus} data-loading worker(s) per process, not --num_workers {num_workers}: this machine has "
+              f"{total} CPU(s) for {local} process(es)", file=sys.stderr)
+        NOTED_CPUS.append(cpus)
+    num_workers = min(num_workers, cpus, -(-len(sampler) // batch_size))
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                                        pin_memory=device != "cpu", persistent_workers=persistent and num_workers > 0,
                                        collate_fn=collate, worker_init_fn=quiet_worker,
                                        multiprocessing_context="spawn" if num_workers else None)
 
 
-def start_workers(loader):
-    """iter(loader), the stop signals held back while it starts workers (they inherit the mask): one would die of
-    them before ignoring them. Spawn's resource tracker is started first: starting, it unblocks SIGINT and SIGTERM."""
+NOTED_CPUS = []  # the note on the workers' count: once per process
+
+
+def start_workers(loader, where):
+    """The loader's batches, each wait for one watched by the stall watchdog. The stop signals are held back while
+    iter(loader) starts workers (they inherit the mask): one would die of them before ignoring them. Spawn's resource
+    tracker is started first: starting, it unblocks SIGINT and SIGTERM."""
     if loader.num_workers:
         multiprocessing.resource_tracker.ensure_running()
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        return iter(loader)
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+    def batches():
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            it = iter(loader)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        yield from it
+    return WATCHDOG.batches(batches(), where)  # the workers start in the first wait
 
 
 def shut_down():
@@ -641,7 +783,7 @@ def extract_features(encoder, dataset, how, dim, batch_size, num_workers, device
     feats, labels = torch.zeros(per, dim, device=device), torch.full((per,), -3, dtype=torch.long, device=device)
     together, j = -(-(n // world) // b), 0  # batches every rank has: where they agree on a stop
     try:
-        for s, (flat, sizes, y, _) in enumerate(tqdm(start_workers(loader), total=len(loader), desc=desc,
+        for s, (flat, sizes, y, _) in enumerate(tqdm(start_workers(loader, desc), total=len(loader), desc=desc,
                                                      disable=rank != 0, dynamic_ncols=True, leave=False)):
             if s < together and (s % 8 == 0 or world == 1) and stop_requested(device):
                 raise Stop(f"stopped by signal while extracting the {desc} features ({j * world} of {n} images)")
@@ -835,7 +977,7 @@ def epochs(sampler, iter_num):
 def train_batches(loader, iter_num):
     """The loader's (micro-)batches from step iter_num on, epoch after epoch."""
     for _ in epochs(loader.sampler, iter_num):
-        yield from start_workers(loader)
+        yield from start_workers(loader, "training")
 
 
 def start_run(args, stage, final_name, resume_flags):
@@ -1090,6 +1232,10 @@ if __name__ == "__main__":
     except Stop as e:  # stopped in a feature extraction: nothing half-written
         leave(str(e))
         sys.exit(0)
+    except RuntimeError as e:  # a collective whose peer has ended: one line here, that rank's error is above
+        if not (dist.is_initialized() and re.search(r"(closed|reset) by peer|remote process exited", str(e))):
+            raise
+        fail(f"rank {dist.get_rank()} lost another rank ({str(e).split('] ')[-1].split('. ')[0]}): its error is above")
     except KeyboardInterrupt:  # the second Ctrl-C
         tqdm.write("stopped at once by a second Ctrl-C; what the last checkpoint holds is kept", file=sys.stderr)
         sys.exit(130)

@@ -14,6 +14,7 @@ the same command again after an interruption continues where it stopped. out_dir
 each stage ran with: a stage whose recorded flags differ from the new command's is refused in one line, not skipped.
 """
 import argparse
+import ctypes
 import json
 import os
 import shlex
@@ -127,6 +128,13 @@ def flag_values(cmd):
     return {k: v for k, v in flags.items() if k not in IGNORED}
 
 
+def end_with_parent(parent=os.getpid()):  # a stage's preexec_fn: PR_SET_PDEATHSIG = 1, SIGKILL when this process ends
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))
+        if os.getppid() != parent:  # it ended before that
+            os._exit(1)
+
+
 def run(label, done, script, *flags):
     """Run one stage unless done() finds its output (then the flags it ran with must be this command's); its wall
     time goes into `times`. The stage runs in its own session: SIGTERM / SIGUSR1 / SIGINT sent to pipeline.py
@@ -157,7 +165,9 @@ def run(label, done, script, *flags):
             p.send_signal(signum)
 
     handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
-    p = subprocess.Popen(launcher + cmd, start_new_session=True)  # in the user's folder: the paths as given
+    # in the user's folder (the paths as given); in a session of its own (a signal reaches it once, passed on); and
+    # ended with this process however it ends (PR_SET_PDEATHSIG): a SIGKILL to pipeline.py leaves no stage running
+    p = subprocess.Popen(launcher + cmd, start_new_session=True, preexec_fn=end_with_parent)
     rc = p.wait()
     for s, h in handlers.items():
         signal.signal(s, h)

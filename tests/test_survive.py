@@ -49,10 +49,13 @@ def argv(s, script, out, *extra, data=None, iters=6):
 
 
 def start(cmd, log):
-    """Popen in its own process group (as a job under timeout or SLURM), output to the file `log`."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    """Popen in its own process group (as a job under timeout or SLURM), output to the file `log`. Every process of
+    the run inherits the variable MAECT_RUN=<its pid>: torchrun's ranks, each in a session of its own, too."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MAECT_RUN=f"{os.getpid()}-{time.time()}")
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                         start_new_session=True)
+    p.marker = env["MAECT_RUN"]
+    return p
 
 
 def finish(p, log, timeout=90):
@@ -63,22 +66,38 @@ def finish(p, log, timeout=90):
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
         pytest.fail(f"still running after {timeout} s (hung)\n" + open(log).read()[-3000:])
-    assert_group_gone(p.pid)
+    assert_run_gone(p)
     return p.returncode, open(log).read()
 
 
-def assert_group_gone(pgid, grace=5.0):
-    """Nothing of the process group may outlive the run: no worker. (The workers are started by "spawn", whose
-    resource tracker, a helper process, ends by itself as soon as the run has ended: a moment's grace for it.)"""
+def processes_of(marker):
+    """{pid: command line} of the live processes whose environment holds MAECT_RUN=marker."""
+    found = {}
+    for d in os.listdir("/proc"):
+        try:
+            if d.isdigit() and f"MAECT_RUN={marker}".encode() in open(f"/proc/{d}/environ", "rb").read().split(b"\0"):
+                found[int(d)] = open(f"/proc/{d}/cmdline", "rb").read().replace(b"\0", b" ").decode()[:150]
+        except OSError:  # it ended meanwhile
+            pass
+    return found
+
+
+def assert_run_gone(p, grace=5.0):
+    """Nothing of the run may outlive it: no worker, no rank, in its process group or not. (The workers are started
+    by "spawn", whose resource tracker, a helper process, ends by itself as soon as the run has ended: a moment's
+    grace for it.)"""
     t0 = time.time()
     while True:
         try:
-            os.killpg(pgid, 0)
+            os.killpg(p.pid, 0)
         except ProcessLookupError:
-            return
+            left = processes_of(p.marker)
+            if not left:
+                return
+        else:
+            left = processes_of(p.marker) or {"group": str(p.pid)}
         if time.time() - t0 > grace:
-            left = subprocess.run(["ps", "-o", "pid,args", "-g", str(pgid)], capture_output=True, text=True).stdout
-            pytest.fail(f"a process of the run outlived it:\n{left}")
+            pytest.fail(f"a process of the run outlived it by {grace:g} s: {left}")
         time.sleep(0.05)
 
 
@@ -439,8 +458,7 @@ def test_a_stop_signal_during_feature_extraction_stops_it(s, tmp_path, script, e
 def test_workers_never_hang_nor_outlive_back_to_back_runs(s, tmp_path):
     """knn.py and probe.py with workers, one process and two, back to back: every run ends, and no process is left
     (the workers are started by spawn, not by a fork of a process whose threads come and go: CPython gh-112275).
-    SIGKILL of the main process during an extraction: its workers end with it. (scripts/worker_soak.sh: the same,
-    many times over, with the default 8 workers.)"""
+    (scripts/worker_soak.sh: the same, many times over, with the default 8 workers, also beside a CPU hog.)"""
     base = ["--data_path", s["data"], "--init", s["mae"], "--device", "cpu", "--crop_pct", "1", "--batch_size", "4",
             "--num_workers", "3"]
     runs = [[sys.executable, "knn.py", *base, "--k", "1"]] + [
@@ -449,8 +467,81 @@ def test_workers_never_hang_nor_outlive_back_to_back_runs(s, tmp_path):
     for i, cmd in enumerate(runs):
         rc, text = run(cmd + ["--out_dir", str(tmp_path / f"o{i}")], tmp_path, timeout=240)
         assert rc == 0 and "top-1" in text, text[-3000:]
-    p = start([sys.executable, "knn.py", *base, "--k", "1"], tmp_path / "killed.txt")
-    wait_for(tmp_path / "killed.txt", "bank:", p, timeout=120)
+
+
+# -----------------------------------------------------------------------------
+# no wait without end (--stall_timeout), no process left behind, however the run ends
+
+
+def stalled_folder(s, tmp_path):
+    """The tiny folder plus train/class_1/0003b.jpg, a named pipe that no one writes: opening it waits forever (as a
+    read from a file server that has died). It is train image 12 (8 in class_0 before it): in the 4th batch of 4
+    images, and with 2 ranks in rank 0's share (images 0, 2, 4, ...)."""
+    data = shutil.copytree(s["data"], tmp_path / "data")
+    os.mkfifo(os.path.join(data, "train", "class_1", "0003b.jpg"))
+    return data
+
+
+@pytest.mark.parametrize("workers,nproc", [(2, 1), (0, 1), (1, 2)])
+def test_a_stalled_loader_is_one_line_and_its_stacks_then_exit_3(s, tmp_path, workers, nproc):
+    """A loader that gives no batch and uses no CPU for --stall_timeout seconds: one line naming the loader, the rank
+    and the workers alive, the Python stacks of the main process and of each worker, exit 3, nothing left running
+    and no log.txt. Under torchrun the other rank says in one line that it lost a rank, instead of a traceback."""
+    cmd = [sys.executable, "knn.py", "--data_path", stalled_folder(s, tmp_path), "--init", s["mae"], "--device",
+           "cpu", "--crop_pct", "1", "--batch_size", "4", "--k", "1", "--num_workers", str(workers),
+           "--stall_timeout", "3", "--out_dir", str(tmp_path / "o")]
+    if nproc > 1:
+        cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    log = tmp_path / "x.txt"
+    rc, out = finish(start(cmd, log), log, timeout=120)
+    lines = [line for line in out.splitlines() if line.startswith("error:")]
+    stall = [line for line in lines if line.startswith("error: stalled:")]
+    assert len(stall) == 1, out[-3000:]
+    m = re.fullmatch(r"error: stalled: rank 0 has waited \d+ s for a batch of the bank loader, and neither it nor its "
+                     r"workers used any CPU for 3 s \(--stall_timeout\); workers alive: (none|[\d ]+); the Python "
+                     r"stacks follow", stall[0])
+    assert m, stall[0]
+    assert "--- the main process, pid" in out and "in extract_features" in out
+    pids = [] if m.group(1) == "none" else m.group(1).split()
+    assert 1 <= len(pids) <= workers if workers else not pids  # fewer on a machine with fewer CPUs than workers
+    assert all(f"--- worker pid {pid}:" in out for pid in pids)
+    assert re.search(r"in open\n\s+File .*knn\.py\", line \d+ in load", out)  # the process that waits on the pipe
+    if nproc == 1:
+        assert rc == 3 and lines == stall and "Traceback" not in out, out[-3000:]
+    else:  # torchrun ends the other rank, which says so in one line
+        assert rc != 0 and "error: rank 1 lost another rank" in out and "]: Traceback" not in out, out[-3000:]
+    assert not os.path.exists(tmp_path / "o" / "log.txt")
+
+
+def test_a_slow_start_is_a_note_not_a_stall(s, tmp_path):
+    """Workers that take longer than --stall_timeout to start (each a new Python importing torch) but compute all
+    the while: one note, and the run goes on to its result."""
+    rc, out = run([sys.executable, "knn.py", "--data_path", s["data"], "--init", s["mae"], "--device", "cpu",
+                   "--crop_pct", "1", "--batch_size", "4", "--k", "1", "--num_workers", "2", "--stall_timeout", "1"],
+                  tmp_path)
+    assert rc == 0 and "top-1" in out and not error_lines(out), out[-3000:]
+    assert re.search(r"note: rank 0 has waited \d+ s for a batch of the bank loader; its processes are computing "
+                     r"\([\d.]+ CPU s in the last \d+ s\): slow, not stalled, waiting on", out), out[-3000:]
+
+
+@pytest.mark.parametrize("how", ["python", "torchrun", "pipeline"])
+def test_a_killed_run_leaves_no_process(s, tmp_path, how):
+    """SIGKILL to the run's first process (python, torchrun, or pipeline.py while a stage runs) while data-loading
+    workers start: every process of the run is gone within 5 s. Before: the workers ran on until they had imported
+    torch, and torchrun's ranks (each in a session of its own) ran on to the end of the run."""
+    base = ["--data_path", s["data"], "--device", "cpu", "--num_workers", "2"]
+    knn = ["knn.py", *base, "--init", s["mae"], "--crop_pct", "1", "--batch_size", "2", "--k", "1"]
+    cmd, pattern = {
+        "python": ([sys.executable, *knn], r"k-NN: encoder"),
+        "torchrun": ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *knn],
+                     r"bank:"),
+        "pipeline": ([sys.executable, "pipeline.py", *base, "--out_dir", str(tmp_path / "p"), "--model", "vit_micro",
+                      "--dim", "32", "--depth", "2", "--heads", "2", "--dec_dim", "32", "--dec_depth", "1",
+                      "--dec_heads", "2", "--batch_size", "8"], r"MAE pretraining: python mae_pretrain.py")}[how]
+    p = start(cmd, tmp_path / "killed.txt")
+    wait_for(tmp_path / "killed.txt", pattern, p, timeout=120)
+    time.sleep(0.3)  # the stage, or the workers, starting
+    assert len(processes_of(p.marker)) >= 2
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
-    assert_group_gone(p.pid, grace=60)  # a worker still starting (importing torch) ends as soon as it has started
+    assert_run_gone(p, grace=5)
