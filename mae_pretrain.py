@@ -29,8 +29,9 @@ import threading
 import time
 from contextlib import nullcontext
 
-if __name__ == "__mp_main__" and sys.platform == "linux":  # a data-loading worker, starting: it ends with its
-    ctypes.CDLL(None).prctl(1, 9)  # parent (PR_SET_PDEATHSIG, SIGKILL) even while importing torch (seconds)
+if __name__ == "__mp_main__" and sys.platform == "linux":  # a data-loading worker: it ends with its parent even
+    ctypes.CDLL(None).prctl(1, 9)  # while it imports torch (PR_SET_PDEATHSIG = 1, SIGKILL = 9), and at once if
+    if os.getppid() != int(os.environ.get("MAECT_PARENT", os.getppid())): os._exit(0)  # that has ended
 
 import numpy as np
 import torch
@@ -707,6 +708,7 @@ def start_workers(loader, where):
     tracker is started first: starting, it unblocks SIGINT and SIGTERM."""
     if loader.num_workers:
         multiprocessing.resource_tracker.ensure_running()
+        os.environ["MAECT_PARENT"] = str(os.getpid())  # a worker that starts after this process ended leaves at once
 
     def batches():
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
