@@ -4,7 +4,7 @@ Linear probing of a frozen encoder (MAE / MAE-CT protocol) and MSN's low-shot lo
     python probe.py --data_path DATA --init out/ct/ct.pt --pool mean           # linear probe, augmented crops
     python probe.py --data_path DATA --init ct.pt --cached 1 --epochs 100       # on features encoded once
     python probe.py --data_path DATA --init ct.pt --logreg 1 --per_class 5      # low-shot logistic regression
-    python probe.py --data_path IMAGENET --init maect_base16.th --eval_head probes/maect_base16.th
+    python probe.py --data_path IMAGENET --init maect_base16 --eval_head probes/maect_base16.th
     torchrun --nproc_per_node 8 probe.py --data_path DATA --init ct.pt          # the same result on N processes
 
 Linear probe: one BatchNorm1d(affine=False) + Linear head per --blrs entry, all trained at once (SGD momentum 0.9,
