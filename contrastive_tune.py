@@ -263,7 +263,8 @@ def ema_update(target, online, momentum):
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--data_path", required=True, help="image folder with train/<class>/*")
 parser.add_argument("--out_dir", default="out/ct")
-parser.add_argument("--init", default="", help="the encoder: mae.pt, a facebookresearch/mae or MAE-CT release")
+parser.add_argument("--init", default="", help="the encoder: mae.pt, a facebookresearch/mae or MAE-CT file, "
+                    "or a release name (mae_reimpl_base16, ...: vit.RELEASES)")
 parser.add_argument("--head", default="", help="head.pt of nnclr_head.py (projector, predictor, filled queue)")
 parser.add_argument("--resume", default="", help="a checkpoint to continue, or 'auto': the newest in out_dir")
 parser.add_argument("--img_size", type=int, default=0, help="0 = the head's (= its encoder's)")
@@ -333,7 +334,7 @@ def load_models(args, ckpt, resume_path, master_process):
     if arch(encoder.args) != arch(head_ckpt["model_args"]):
         raise ValueError(f"--init {args.init} is a {arch(encoder.args)} encoder, the head in {args.head} was "
                          f"trained on a {arch(head_ckpt['model_args'])} one")
-    if master_process and os.path.abspath(args.init) != head_ckpt["encoder_init"]:
+    if master_process and vit.encoder_source(args.init) != head_ckpt["encoder_init"]:
         print(f"note: {args.head} was trained on the encoder of {head_ckpt['encoder_init']}, --init is {args.init}",
               file=sys.stderr)
     pool = args.pool or head_ckpt["pool"]
@@ -345,7 +346,7 @@ def load_models(args, ckpt, resume_path, master_process):
         raise ValueError(f"--freeze_blocks {freeze}: the encoder has only {encoder.args['depth']} blocks")
     # the EMA target starts as the trained projector, the EMA encoder as the encoder
     return (encoder, copy.deepcopy(encoder), head, copy.deepcopy(head.projector), head_ckpt["queue"], pool, freeze,
-            os.path.abspath(args.init), os.path.abspath(args.head))
+            vit.encoder_source(args.init), os.path.abspath(args.head))
 
 
 # -----------------------------------------------------------------------------

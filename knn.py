@@ -10,7 +10,8 @@ classes, Hungarian), NMI (arithmetic mean normalisation) and ARI; several seeded
     torchrun --nproc_per_node 8 knn.py --data_path DATA --init ct.pt    # features in shares, the same result
 
 --init takes any checkpoint vit.load_encoder reads: this project's mae.pt / ct.pt (--which ema|online),
-facebookresearch/mae's, the MAE-CT releases. Prints top-1 per k (or the clustering table); with --out_dir, appends
+facebookresearch/mae's, the MAE-CT releases, or a release by name (--init maect_base16: downloaded once into
+torch hub's cache, see vit.py). Prints top-1 per k (or the clustering table); with --out_dir, appends
 a JSON line to out_dir/log.txt.
 """
 import argparse
@@ -192,7 +193,8 @@ def centre_crop(rng, w, h, crop_pct):
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--data_path", required=True, help="train/<class>/* (the bank) and val/<class>/* (the queries)")
 parser.add_argument("--out_dir", default="", help="if given, append the result as a JSON line to out_dir/log.txt")
-parser.add_argument("--init", required=True, help="encoder: mae.pt / ct.pt, facebookresearch/mae's, MAE-CT's")
+parser.add_argument("--init", required=True, help="encoder: mae.pt / ct.pt, facebookresearch/mae's, MAE-CT's file, "
+                    "or a release name (maect_base16, ...: vit.RELEASES)")
 parser.add_argument("--which", default="ema", choices=["ema", "online"], help="the encoder of a ct.pt to use")
 parser.add_argument("--pool", default="cls", choices=["cls", "mean"], help="CLS token or mean of the patch tokens")
 parser.add_argument("--img_size", type=int, default=0, help="0 = the encoder's own")

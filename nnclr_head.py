@@ -222,7 +222,8 @@ def strong_aug(img, rng, view):
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--data_path", required=True, help="image folder with train/<class>/*")
 parser.add_argument("--out_dir", default="out/head")
-parser.add_argument("--init", default="", help="the encoder: mae.pt, ct.pt, a facebookresearch/mae or MAE-CT file")
+parser.add_argument("--init", default="", help="the encoder: mae.pt, ct.pt, a facebookresearch/mae or MAE-CT file, "
+                    "or a release name (maect_base16, ...: vit.RELEASES)")
 parser.add_argument("--resume", default="", help="a checkpoint to continue, or 'auto': the newest in out_dir")
 parser.add_argument("--img_size", type=int, default=0, help="0 = the encoder's")
 parser.add_argument("--heads", type=int, default=0, help="attention heads of a foreign --init of an unreleased width")
@@ -334,7 +335,7 @@ def main(args):
 
     def checkpoint():
         return dict(stage="nnclr_head", head=raw_model.state_dict(), head_args=head_args, queue=queue.state_dict(),
-                    encoder_init=os.path.abspath(init), model_args=model_args, pool=pool,
+                    encoder_init=vit.encoder_source(init), model_args=model_args, pool=pool,
                     optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=iter_num, args=vars(args))
 
     # training loop

@@ -4,7 +4,7 @@ Linear probing of a frozen encoder (MAE / MAE-CT protocol) and MSN's low-shot lo
     python probe.py --data_path DATA --init out/ct/ct.pt --pool mean           # linear probe, augmented crops
     python probe.py --data_path DATA --init ct.pt --cached 1 --epochs 100       # on features encoded once
     python probe.py --data_path DATA --init ct.pt --logreg 1 --per_class 5      # low-shot logistic regression
-    python probe.py --data_path IMAGENET --init maect_base16.th --eval_head probes/maect_base16.th
+    python probe.py --data_path IMAGENET --init maect_base16 --eval_head probes/maect_base16.th
     torchrun --nproc_per_node 8 probe.py --data_path DATA --init ct.pt          # the same result on N processes
 
 Linear probe: one BatchNorm1d(affine=False) + Linear head per --blrs entry, all trained at once (SGD momentum 0.9,
@@ -13,8 +13,9 @@ the centre crops encoded once); reported is the best val top-1 over heads and ev
 logistic regression (L2 penalty, no intercept, L-BFGS in float64) on centred, L2-normalised features. --eval_head
 FILE: top-1 / top-5 of a trained head (probe.pt, or an MAE-CT release's probes/<name>.th) on val/ only.
 --train_list FILE / --per_class N pick the labelled images; val images are centre-cropped (--crop_pct).
---init takes any checkpoint vit.load_encoder reads. Writes out_dir/probe.pt (the best head, and the state to resume),
-periodic out_dir/ckpt_*.pt and out_dir/log.txt; --logreg out_dir/logreg.pt; --eval_head a log line, with --out_dir.
+--init takes any checkpoint (or release name: maect_base16, ...) vit.load_encoder reads. Writes out_dir/probe.pt
+(the best head, and the state to resume), periodic out_dir/ckpt_*.pt and out_dir/log.txt; --logreg
+out_dir/logreg.pt; --eval_head a log line, with --out_dir.
 """
 import argparse
 import atexit
@@ -246,7 +247,8 @@ def centre_crop(rng, w, h, crop_pct):
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--data_path", required=True, help="image folder with train/<class>/* and val/<class>/*")
 parser.add_argument("--out_dir", default="", help="default out/probe; --eval_head: a log line only when given")
-parser.add_argument("--init", required=True, help="encoder: mae.pt / ct.pt, facebookresearch/mae's, MAE-CT's")
+parser.add_argument("--init", required=True, help="encoder: mae.pt / ct.pt, facebookresearch/mae's, MAE-CT's file, "
+                    "or a release name (maect_base16, ...: vit.RELEASES)")
 parser.add_argument("--which", default="ema", choices=["ema", "online"], help="the encoder of a ct.pt to use")
 parser.add_argument("--resume", default="", help="a checkpoint to continue, or 'auto': the newest in out_dir")
 parser.add_argument("--pool", default=None, choices=["cls", "mean"], help="default cls; --eval_head: the file's")

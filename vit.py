@@ -14,15 +14,33 @@ timm's model of the same size and back.
     enc = load_encoder("ct.pt")          # eval mode, on CPU, built from the file alone
     tokens = enc(vit.normalize(images))  # images (B, 3, H, W) in [0, 255] -> (B, 1+N, D) after the final norm
     feats = pool(tokens, "mean")         # (B, D)
+    enc = load_encoder("maect_base16")   # a released encoder by name (RELEASES), downloaded once
+
+A name of RELEASES (the MAE-CT authors' encoders and facebookresearch/mae's H/14) is fetched the first time into
+torch hub's cache, torch.hub.get_dir()/checkpoints/<file name> ($TORCH_HOME/hub, default ~/.cache/torch/hub), and
+read from there afterwards; a file of that name in the working directory wins over the name. $MAECT_RELEASE_URL,
+when set, is a base URL that replaces the hosts' folders (a mirror; the tests' local server). Without network, the
+error is one line naming the URL and the path to put the file at by hand.
 """
 import functools
+import hashlib
+import http.client
 import math
 import os
+import socket
 import sys
+import urllib.error
+import uuid
+import zipfile
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+try:  # serialises downloads between the processes of one machine; Windows has no fcntl and downloads in each
+    import fcntl
+except ImportError:
+    fcntl = None
 
 try:  # flash-attn 2.x; optional. (The 1.x module name differs; we do not fall back to it silently.)
     from flash_attn import flash_attn_qkvpacked_func
@@ -438,13 +456,165 @@ def load_state_strict(model, sd, path="checkpoint"):
     model.load_state_dict(sd, strict=True)
     return model
 
+# -----------------------------------------------------------------------------
+# the released encoders by name
+
+# The URLs are the links of the checkpoint tables in the ml-jku/MAE-CT README (MAE re-implementation, MAE-CT,
+# MAE-CT_aug); the H/14 MAE there is facebookresearch/mae's own release, linked from that project's README. Neither
+# README publishes a SHA-256 (facebookresearch/mae lists the first six digits of an md5), so no digest is recorded
+# and none is checked; a SHA-256 put into the second field is checked after every download of that name.
+MAECT_DOWNLOAD = "https://ml.jku.at/research/maect/download/"
+RELEASES = {  # name -> (url, sha256 or None)
+    "mae_reimpl_base16": (MAECT_DOWNLOAD + "mae_reimpl_base16.th", None),
+    "mae_reimpl_large16": (MAECT_DOWNLOAD + "mae_reimpl_large16.th", None),
+    "mae_reimpl_huge16": (MAECT_DOWNLOAD + "mae_reimpl_huge16.th", None),
+    "mae_huge14": ("https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_huge.pth", None),
+    "maect_base16": (MAECT_DOWNLOAD + "maect_base16.th", None),
+    "maect_large16": (MAECT_DOWNLOAD + "maect_large16.th", None),
+    "maect_huge16": (MAECT_DOWNLOAD + "maect_huge16.th", None),
+    "maect_huge14": (MAECT_DOWNLOAD + "maect_huge14.th", None),
+    "maectaug_base16": (MAECT_DOWNLOAD + "maectaug_base16.th", None),
+    "maectaug_large16": (MAECT_DOWNLOAD + "maectaug_large16.th", None),
+    "maectaug_huge16": (MAECT_DOWNLOAD + "maectaug_huge16.th", None),
+    "maectaug_huge14": (MAECT_DOWNLOAD + "maectaug_huge14.th", None),
+}
+RELEASE_URL_ENV = "MAECT_RELEASE_URL"  # a base URL replacing the hosts' folders: a mirror, or a test server
+DOWNLOAD_TIMEOUT_S = 60  # a server silent this long (connecting or mid-file) fails the download instead of hanging
+
+
+def is_release_name(s):
+    """A released encoder's name that is not also a file here (a file of that name wins)."""
+    return s in RELEASES and not os.path.exists(s)
+
+
+def release_url(name):
+    """Where a released encoder is fetched from: its recorded URL, or its file name under $MAECT_RELEASE_URL."""
+    url = RELEASES[name][0]
+    base = os.environ.get(RELEASE_URL_ENV)
+    return f"{base.rstrip('/')}/{url.rsplit('/', 1)[1]}" if base else url
+
+
+def release_path(name):
+    """Where a released encoder is kept: torch hub's cache, under the file name of its URL (where
+    torch.hub.load_state_dict_from_url would put the same file)."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", RELEASES[name][0].rsplit("/", 1)[1])
+
+
+def encoder_source(path_or_name):
+    """What a checkpoint records as its encoder's origin: a release name stays a name (it resolves again on any
+    machine, into that machine's cache), a file becomes its absolute path."""
+    return path_or_name if is_release_name(path_or_name) else os.path.abspath(path_or_name)
+
+
+def release_file(name, verbose=True):
+    """The local file of a released encoder: the cached one, or downloaded now. The download goes to a temporary name
+    and is moved into place only when it is a whole torch file and, where a SHA-256 is recorded, matches it, so a
+    failed or cut download never counts. Every failure is a one-line ValueError naming the URL and the path."""
+    dst = release_path(name)
+    if os.path.isfile(dst):
+        return dst
+    url, sha256 = release_url(name), RELEASES[name][1]
+    by_hand = f"download it by hand to {dst}"
+    try:
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot download {name} from {url} ({_reason(e)}): {by_hand}") from None
+    tmp = f"{dst}.{uuid.uuid4().hex}.download"
+    lock = _lock_folder(os.path.dirname(dst))
+    try:
+        if os.path.isfile(dst):  # another process of this run fetched it while this one waited for the lock
+            return dst
+        if verbose:
+            print(f"downloading {name} from {url} to {dst}", file=sys.stderr)
+        timeout = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # download_url_to_file takes no timeout of its own
+        try:
+            torch.hub.download_url_to_file(url, tmp, hash_prefix=None, progress=verbose)
+        except (OSError, http.client.HTTPException, ValueError) as e:  # URLError, HTTPError, timeouts, bad URLs
+            raise ValueError(f"cannot download {name} from {url} ({_reason(e)}): {by_hand}") from None
+        finally:
+            socket.setdefaulttimeout(timeout)
+        if not _whole_torch_file(tmp):
+            raise ValueError(f"cannot download {name} from {url} (the file arrived cut short or is not a torch file): "
+                             f"{by_hand}")
+        if sha256 is not None:
+            digest = _sha256(tmp)
+            if digest != sha256:
+                raise ValueError(f"{name} from {url} has SHA-256 {digest}, not the recorded {sha256}: the file was "
+                                 f"not kept ({dst})")
+        os.replace(tmp, dst)
+        return dst
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if lock is not None:
+            os.close(lock)  # releases the lock
+
+
+def _lock_folder(folder):
+    """An exclusive lock on the cache folder (its descriptor; closing it unlocks), so the processes of a multi-GPU
+    run on one machine download a file once and the others wait for it. None where locking is unavailable (no
+    fcntl, or a file system without flock): then each process downloads on its own, still safely."""
+    if fcntl is None:
+        return None
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _reason(e):
+    """One line for a download error: HTTPError's status, URLError's cause, or the exception itself."""
+    r = e.reason if type(e) is urllib.error.URLError else e
+    return (str(r) or type(r).__name__).splitlines()[0]
+
+
+def _whole_torch_file(path):
+    """download_url_to_file keeps whatever arrived when a server closes the connection early (it reads to the end
+    of the stream and does not compare with Content-Length). torch.save's zip files end in their directory, so a
+    cut one does not open as a zip; a file in torch's old format is read whole instead (slower, but certain)."""
+    try:
+        with zipfile.ZipFile(path):
+            return True
+    except (zipfile.BadZipFile, OSError):
+        pass
+    try:
+        load_checkpoint(path)
+        return True
+    except ValueError:
+        return False
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve_encoder(path_or_name, verbose=True):
+    """A file that exists, as given; a release name, its cached file (downloaded the first time). A missing path
+    that looks like a name (no folder, no extension) is refused listing the names."""
+    if is_release_name(path_or_name):
+        return release_file(path_or_name, verbose)
+    if not os.path.exists(path_or_name) and os.sep not in path_or_name and "." not in path_or_name:
+        raise FileNotFoundError(f"checkpoint not found: {path_or_name}, and no released encoder has that name "
+                                f"({', '.join(RELEASES)})")
+    return path_or_name
+
 
 def load_encoder(path, which="ema", img_size=None, verbose=True, heads=None):
     """Build the encoder from a checkpoint file alone: eval mode, on CPU, float32.
-    which: for contrastive-tuning checkpoints, "ema" (default, what the authors evaluate) or
-    "online". img_size: build for another resolution (the fixed sin-cos position embedding is
+    path: a checkpoint file, or a released encoder's name (RELEASES; downloaded once into torch hub's cache, see
+    release_file; a file of that name wins). which: for contrastive-tuning checkpoints, "ema" (default, what the
+    authors evaluate) or "online". img_size: build for another resolution (the fixed sin-cos position embedding is
     recomputed; the file's own pos_embed is then not used). heads: the attention heads of a foreign
     file whose width is not a released one (this project's files hold their own)."""
+    path = resolve_encoder(path, verbose)
     ckpt = load_checkpoint(path)
     sd, args, note = encoder_state(ckpt, path, which)
     if note and verbose:
