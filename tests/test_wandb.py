@@ -184,3 +184,12 @@ def test_the_stall_watchdog_leaves_wandbs_service_alone(tmp_path):
         assert kids.get(worker.pid) == "worker" and service.pid not in kids
     finally:
         service.kill(), worker.kill(), service.wait(), worker.wait()
+
+
+def test_a_run_name_without_a_project_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        mae_pretrain.main(mae_pretrain.parser.parse_args(["--data_path", str(tmp_path), "--out_dir",
+                                                          str(tmp_path / "out"), "--wandb_run", "tiny"]))
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: --wandb_run tiny names a W&B run: it needs --wandb PROJECT\n"
+    assert not (tmp_path / "out").exists()
