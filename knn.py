@@ -11,8 +11,8 @@ classes, Hungarian), NMI (arithmetic mean normalisation) and ARI; several seeded
 
 --init takes any checkpoint vit.load_encoder reads: this project's mae.pt / ct.pt (--which ema|online),
 facebookresearch/mae's, the MAE-CT releases, or a release by name (--init maect_base16: downloaded once into
-torch hub's cache, see vit.py). Prints top-1 per k (or the clustering table); with --out_dir, appends
-a JSON line to out_dir/log.txt.
+torch hub's cache, see vit.py). Prints top-1 per k (or the clustering table); with --out_dir, appends a JSON line to
+out_dir/log.txt; with --wandb PROJECT, the numbers are also a W&B run of their own.
 """
 import argparse
 import atexit
@@ -218,6 +218,8 @@ parser.add_argument("--num_workers", type=int, default=8, help="data-loading pro
 parser.add_argument("--skip_bad_images", type=int, default=0, help="1: log unreadable images and use others")
 parser.add_argument("--stall_timeout", type=float, default=300,
                     help="seconds without a batch and without CPU use before a loader counts as stalled (0: off)")
+parser.add_argument("--wandb", default="", help="a W&B project: also log to Weights & Biases (pip install wandb)")
+parser.add_argument("--wandb_run", default="", help="--wandb: the W&B run's name (default: W&B's own)")
 
 
 # -----------------------------------------------------------------------------
@@ -229,10 +231,8 @@ def classify(args, bank, bank_labels, queries, labels, classes, info):
     print(f"{'k':>5}  top-1 (%)")
     for k in ks:
         print(f"{k:>5}  {top1[k]:.2f}")
-    if args.out_dir:
-        log_line(args.out_dir, "knn", dict(knn_top1={str(k): round(top1[k], 4) for k in ks},
-                                           temperature=args.temperature, standardize=args.standardize,
-                                           bank=len(bank), queries=len(queries), **info))
+    log_result(args, "knn", dict(knn_top1={str(k): round(top1[k], 4) for k in ks}, temperature=args.temperature,
+                                 standardize=args.standardize, bank=len(bank), queries=len(queries), **info))
 
 
 def cluster(args, feats, labels, clusters, info):
@@ -252,9 +252,8 @@ def cluster(args, feats, labels, clusters, info):
              for m in ("acc", "nmi", "ari")}
     for row in ("mean", "best"):
         print(f"{row:>5} {'':>5} {'':>11} " + " ".join(f"{stats[m][row]:>7.2f}" for m in ("acc", "nmi", "ari")))
-    if args.out_dir:
-        log_line(args.out_dir, "kmeans", dict(kmeans=dict(clusters=clusters, split=args.split, **stats, runs=runs),
-                                              images=len(feats), **info))
+    log_result(args, "kmeans", dict(kmeans=dict(clusters=clusters, split=args.split, **stats, runs=runs),
+                                    images=len(feats), **info))
 
 
 def main(args):
@@ -333,9 +332,16 @@ def check_flags(args, rules):
             v = getattr(args, flag)
             if not all(ok(x) for x in (v if isinstance(v, list) else [v])):
                 bad.append(f"error: --{flag} {' '.join(map(str, v)) if isinstance(v, list) else v} must be {wanted}")
+    if args.wandb_run and not args.wandb:
+        bad.append(f"error: --wandb_run {args.wandb_run} names a W&B run: it needs --wandb PROJECT")
     if bad:
         print("\n".join(bad), file=sys.stderr)
         sys.exit(2)
+    if args.wandb and int(os.environ.get("RANK", 0)) == 0:  # rank 0 logs; a missing package is said now, not
+        try:  # after the data is read and the model built
+            import wandb  # noqa: F401 (optional: imported only with --wandb)
+        except ImportError:
+            fail("--wandb needs the wandb package: pip install wandb")
 
 
 def compute_init(args, tf32=True):
@@ -414,13 +420,15 @@ def cpu_seconds(pid, tid=""):
 
 
 def children(pid):
-    """{pid: what} of the live processes pid started: data-loading workers and multiprocessing's resource tracker."""
+    """{pid: what} of the live processes pid started: data-loading workers and multiprocessing's resource tracker (not
+    W&B's service: the stall watchdog neither counts its CPU as a loader's nor kills it)."""
     kids = {}
     for d in os.listdir("/proc") if os.path.isdir("/proc") else ():
         try:
             if d.isdigit() and int(open(f"/proc/{d}/stat").read().rpartition(")")[2].split()[1]) == pid:
-                kids[int(d)] = "resource tracker" if b"resource_tracker" in open(f"/proc/{d}/cmdline", "rb").read() \
-                    else "worker"
+                cmd = open(f"/proc/{d}/cmdline", "rb").read()
+                if b"wandb-core" not in cmd:  # W&B's service (--wandb) samples system stats: no worker's work
+                    kids[int(d)] = "resource tracker" if b"resource_tracker" in cmd else "worker"
         except (OSError, ValueError, IndexError):  # it ended while being read
             pass
     return kids
@@ -807,6 +815,41 @@ def log_line(out_dir, stage, entry):
         fail(f"cannot write {path}: {e.strerror} (its earlier lines and every checkpoint are intact)")
     finally:
         os.close(fd)
+
+
+def scalars(entry, prefix=""):
+    """The numbers of a log line, flat as TensorBoard and W&B take them: lists and dicts by position or key (loss/0,
+    knn_top1/10); strings left out (they are flags, in the W&B run's config). -> (name, number) pairs"""
+    for k, v in entry.items():
+        if isinstance(v, (list, dict)):
+            yield from scalars({str(i): x for i, x in (v.items() if isinstance(v, dict) else enumerate(v))},
+                               f"{prefix}{k}/")
+        elif isinstance(v, (int, float)):
+            yield prefix + k, v
+
+
+def start_wandb(args, stage, run_id=None):
+    """--wandb PROJECT, rank 0: a W&B run (run_id: that run continued, as a resumed run does), the flags as its config,
+    its files in out_dir/wandb (WANDB_MODE=offline: there until `wandb sync`). -> the run, or None"""
+    if not args.wandb or int(os.environ.get("RANK", 0)) != 0:
+        return None
+    import wandb  # check_flags found it
+    try:
+        return wandb.init(project=args.wandb, name=args.wandb_run or None, id=run_id, resume="allow",
+                          config=vars(args), dir=args.out_dir or None, job_type=stage)
+    except wandb.Error as e:  # not logged in, no network: one line, as every failure
+        fail(f"--wandb {args.wandb}: {e}")
+
+
+def log_result(args, stage, entry):
+    """Rank 0: an evaluation's result, a line of out_dir/log.txt (given an out_dir) and with --wandb a W&B run of its
+    own holding its numbers."""
+    if args.out_dir:
+        log_line(args.out_dir, stage, entry)
+    run = start_wandb(args, stage)
+    if run is not None:
+        run.log(dict(scalars(entry)))
+        run.finish()
 
 
 def save_atomic(obj, path):

@@ -110,7 +110,8 @@ def stop_between_stages(signum, frame):  # a signal while no stage runs ends pip
 
 HERE = os.path.dirname(os.path.abspath(__file__))  # the stage scripts sit next to this one
 IGNORED = {"--num_workers", "--device", "--resume", "--log_interval", "--ckpt_interval", "--keep_last",
-           "--eval_interval", "--tensorboard", "--compile"}  # flags that do not change a stage's result
+           "--eval_interval", "--tensorboard", "--wandb", "--wandb_run",
+           "--compile"}  # flags that do not change a stage's result
 
 
 PATHS = {"--data_path", "--out_dir", "--init", "--head"}  # compared as the folders they name, however written

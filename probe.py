@@ -14,8 +14,8 @@ logistic regression (L2 penalty, no intercept, L-BFGS in float64) on centred, L2
 FILE: top-1 / top-5 of a trained head (probe.pt, or an MAE-CT release's probes/<name>.th) on val/ only.
 --train_list FILE / --per_class N pick the labelled images; val images are centre-cropped (--crop_pct).
 --init takes any checkpoint (or release name: maect_base16, ...) vit.load_encoder reads. Writes out_dir/probe.pt
-(the best head, and the state to resume), periodic out_dir/ckpt_*.pt and out_dir/log.txt; --logreg
-out_dir/logreg.pt; --eval_head a log line, with --out_dir.
+(the best head, and the state to resume), periodic out_dir/ckpt_*.pt and out_dir/log.txt; --logreg out_dir/logreg.pt;
+--eval_head a log line, with --out_dir. --wandb PROJECT: the numbers of log.txt in W&B too.
 """
 import argparse
 import atexit
@@ -282,6 +282,8 @@ parser.add_argument("--keep_last", type=int, default=2, help="periodic checkpoin
 parser.add_argument("--skip_bad_images", type=int, default=0, help="1: log unreadable images and use others")
 parser.add_argument("--stall_timeout", type=float, default=300,
                     help="seconds without a batch and without CPU use before a loader counts as stalled (0: off)")
+parser.add_argument("--wandb", default="", help="a W&B project: also log to Weights & Biases (pip install wandb)")
+parser.add_argument("--wandb_run", default="", help="--wandb: the W&B run's name (default: W&B's own)")
 parser.add_argument("--max_iters", type=int, default=0, help="stop after this many iterations (0 = epochs)")
 parser.add_argument("--eval_head", default="", help="evaluate this trained head on val, no training: probe.pt or "
                     "an MAE-CT release's probes/<name>.th; DATA needs only val/")
@@ -320,8 +322,7 @@ def evaluate_head(args, encoder, model_args, head, layout, val_set, device, auto
     top5 = 100.0 * (logits.topk(min(5, C), dim=1).indices == y[:, None]).any(1).double().mean().item()
     if master_process:
         print(f"top-1 {top1:.2f}%, top-5 {top5:.2f}%")
-    if master_process and args.out_dir:
-        log_line(args.out_dir, "eval_head", dict(
+        log_result(args, "eval_head", dict(
             eval_top1=round(top1, 4), eval_top5=round(top5, 4), init=args.init, which=args.which,
             eval_head=args.eval_head, pool=args.pool, val=len(y), img_size=model_args["img_size"],
             crop_pct=args.crop_pct))
@@ -352,8 +353,8 @@ def logistic_regression(args, encoder, model_args, train_set, val_set, device, a
         if info["gap"] > 1e-6 * info["loss"]:
             print(f"warning: L-BFGS stopped {info['gap']:.1e} from the minimum (objective {info['loss']:.3g}): "
                   f"not converged", file=sys.stderr)
-        log_line(args.out_dir, "logreg", dict(logreg_top1=round(top1, 4), logreg_top5=round(top5, 4),
-                                              n_train=n_train, lambd=args.lambd, center=args.center, **info))
+        log_result(args, "logreg", dict(logreg_top1=round(top1, 4), logreg_top5=round(top5, 4), n_train=n_train,
+                                        lambd=args.lambd, center=args.center, **info))
         train_files = [f"{train_set.classes[c]}/{os.path.basename(p)}" for p, c in train_set.samples]
         save_atomic(dict(stage="logreg", weight=W.cpu(), center=args.center,
                          mean=mu.cpu() if args.center == "train" else None, lambd=args.lambd, top1=top1, top5=top5,
@@ -569,9 +570,16 @@ def check_flags(args, rules):
             v = getattr(args, flag)
             if not all(ok(x) for x in (v if isinstance(v, list) else [v])):
                 bad.append(f"error: --{flag} {' '.join(map(str, v)) if isinstance(v, list) else v} must be {wanted}")
+    if args.wandb_run and not args.wandb:
+        bad.append(f"error: --wandb_run {args.wandb_run} names a W&B run: it needs --wandb PROJECT")
     if bad:
         print("\n".join(bad), file=sys.stderr)
         sys.exit(2)
+    if args.wandb and int(os.environ.get("RANK", 0)) == 0:  # rank 0 logs; a missing package is said now, not
+        try:  # after the data is read and the model built
+            import wandb  # noqa: F401 (optional: imported only with --wandb)
+        except ImportError:
+            fail("--wandb needs the wandb package: pip install wandb")
 
 
 def compute_init(args, tf32=True):
@@ -650,13 +658,15 @@ def cpu_seconds(pid, tid=""):
 
 
 def children(pid):
-    """{pid: what} of the live processes pid started: data-loading workers and multiprocessing's resource tracker."""
+    """{pid: what} of the live processes pid started: data-loading workers and multiprocessing's resource tracker (not
+    W&B's service: the stall watchdog neither counts its CPU as a loader's nor kills it)."""
     kids = {}
     for d in os.listdir("/proc") if os.path.isdir("/proc") else ():
         try:
             if d.isdigit() and int(open(f"/proc/{d}/stat").read().rpartition(")")[2].split()[1]) == pid:
-                kids[int(d)] = "resource tracker" if b"resource_tracker" in open(f"/proc/{d}/cmdline", "rb").read() \
-                    else "worker"
+                cmd = open(f"/proc/{d}/cmdline", "rb").read()
+                if b"wandb-core" not in cmd:  # W&B's service (--wandb) samples system stats: no worker's work
+                    kids[int(d)] = "resource tracker" if b"resource_tracker" in cmd else "worker"
         except (OSError, ValueError, IndexError):  # it ended while being read
             pass
     return kids
@@ -1045,6 +1055,41 @@ def log_line(out_dir, stage, entry):
         os.close(fd)
 
 
+def scalars(entry, prefix=""):
+    """The numbers of a log line, flat as TensorBoard and W&B take them: lists and dicts by position or key (loss/0,
+    knn_top1/10); strings left out (they are flags, in the W&B run's config). -> (name, number) pairs"""
+    for k, v in entry.items():
+        if isinstance(v, (list, dict)):
+            yield from scalars({str(i): x for i, x in (v.items() if isinstance(v, dict) else enumerate(v))},
+                               f"{prefix}{k}/")
+        elif isinstance(v, (int, float)):
+            yield prefix + k, v
+
+
+def start_wandb(args, stage, run_id=None):
+    """--wandb PROJECT, rank 0: a W&B run (run_id: that run continued, as a resumed run does), the flags as its config,
+    its files in out_dir/wandb (WANDB_MODE=offline: there until `wandb sync`). -> the run, or None"""
+    if not args.wandb or int(os.environ.get("RANK", 0)) != 0:
+        return None
+    import wandb  # check_flags found it
+    try:
+        return wandb.init(project=args.wandb, name=args.wandb_run or None, id=run_id, resume="allow",
+                          config=vars(args), dir=args.out_dir or None, job_type=stage)
+    except wandb.Error as e:  # not logged in, no network: one line, as every failure
+        fail(f"--wandb {args.wandb}: {e}")
+
+
+def log_result(args, stage, entry):
+    """Rank 0: an evaluation's result, a line of out_dir/log.txt (given an out_dir) and with --wandb a W&B run of its
+    own holding its numbers."""
+    if args.out_dir:
+        log_line(args.out_dir, stage, entry)
+    run = start_wandb(args, stage)
+    if run is not None:
+        run.log(dict(scalars(entry)))
+        run.finish()
+
+
 def save_atomic(obj, path):
     """torch.save (a PIL image: PNG) to a temp file, flushed, renamed: a crash or a full disk leaves the previous file
     intact, and a failed write (no space, a quota) removes the temp file."""
@@ -1183,8 +1228,8 @@ def start_run(args, stage, final_name, resume_flags):
 
 class Run:
     """A training loop's bookkeeping, so that the loop shows the method: out_dir's ownership, the data it continues on,
-    progress bar, log line, TensorBoard, a non-finite check and stop signals read at log steps only (a read every
-    step makes the CPU wait for the GPU), stages 2-3's nearest-neighbour accuracy, the one save-or-stop path."""
+    progress bar, log line, TensorBoard and W&B, a non-finite check and stop signals read at log steps only (a read
+    every step makes the CPU wait for the GPU), stages 2-3's nearest-neighbour accuracy, the one save-or-stop path."""
 
     def __init__(self, args, stage, resume_path, ckpt, iter_num, max_iters, steps_per_epoch, data, device,
                  nn_acc=False):
@@ -1208,20 +1253,28 @@ class Run:
         self.pending, self.window = [], []  # accuracies per step: still on the device / since the last log line
         self.nonfinite_at = torch.tensor(-1, device=device)  # the first iteration with a non-finite loss
         self.tb = tensorboard(self.out_dir, iter_num) if getattr(args, "tensorboard", 0) and self.master else None
+        # the W&B run of this out_dir's checkpoints, continued on resume; its id is kept by a run without --wandb too,
+        # so that a later one with it still continues that W&B run (a checkpoint of another out_dir: a new W&B run)
+        self.wandb_id = ckpt.get("wandb_id") if own else None
+        self.wandb = start_wandb(args, stage, self.wandb_id)
+        self.wandb_id = self.wandb.id if self.wandb is not None else self.wandb_id
         self.pbar = tqdm(total=max_iters, initial=iter_num, disable=not self.master, dynamic_ncols=True)
         self.t0, self.images, self.at_log, self.postfix, self.knn_top1 = time.time(), 0, False, {}, None
 
-    def log(self, entry, image=None):  # rank 0: a log line (and its numbers, an image, to TensorBoard)
+    def log(self, entry, image=None):  # rank 0: a log line (and its numbers, an image, to TensorBoard and W&B)
         if self.master:
             log_line(self.out_dir, self.stage, entry)
+        numbers = [(k, x) for k, x in scalars(entry) if k not in ("iter", "epoch")]  # the step: iter
         if self.tb is not None:
-            for k, v in entry.items():
-                for i, x in enumerate(v if isinstance(v, list) else [v]):
-                    if k not in ("iter", "epoch") and isinstance(x, (int, float)):
-                        self.tb.add_scalar(f"{k}/{i}" if isinstance(v, list) else k, x, entry["iter"])
+            for k, x in numbers:
+                self.tb.add_scalar(k, x, entry["iter"])
             if image is not None:
                 self.tb.add_image(image[0], np.asarray(image[1]), entry["iter"], dataformats="HWC")
             self.tb.flush()
+        if self.wandb is not None:  # a line without iter (the probe's final summary): W&B's own step
+            import wandb
+            self.wandb.log(dict(numbers, **({image[0]: wandb.Image(image[1])} if image is not None else {})),
+                           step=entry.get("iter"))
 
     def check_finite(self):  # every rank, at log steps and before each checkpoint or evaluation
         if self.nonfinite_at.item() >= 0:
@@ -1285,6 +1338,8 @@ class Run:
         keep = ckpts[-self.args.keep_last:] if self.args.keep_last else ckpts
         if self.master:
             ckpt = dict(checkpoint(), data=self.data, ckpts=keep)
+            if self.wandb_id:  # the W&B run that resuming from this file continues
+                ckpt["wandb_id"] = self.wandb_id
             if self.nn_acc:
                 ckpt["monitor"] = dict(self.monitor)
             save_atomic(ckpt, os.path.join(self.out_dir, name))
@@ -1327,6 +1382,8 @@ class Run:
             print(f"wrote {os.path.join(self.out_dir, final_name)}")
         if after is not None:
             self.evaluate(after, self.max_iters)
+        if self.wandb is not None:  # (a stop or an error: wandb ends its run as the process exits)
+            self.wandb.finish()
         leave()
 
 
