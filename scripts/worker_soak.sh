@@ -27,7 +27,9 @@ if [ "$LOADED" = 1 ]; then
 fi
 left() {  # the live processes whose environment holds MAECT_RUN=$1
   for f in /proc/[0-9]*/environ; do
-    if grep -qzx "MAECT_RUN=$1" "$f" 2>/dev/null; then p=${f#/proc/}; p=${p%/environ}; echo "$p $(tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null | cut -c1-100)"; fi
+    if grep -qzx "MAECT_RUN=$1" "$f" 2>/dev/null; then
+      p=${f#/proc/}; p=${p%/environ}; echo "$p $(tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null | cut -c1-100)"
+    fi
   done
 }
 B=(--data_path "$T/data" --init "$T/mae.pt" --device cpu --crop_pct 1 --batch_size 8)
