@@ -203,7 +203,7 @@ def neighbour_picture(rows, same):
     b apart, the neighbours another 3 b further from the query:
     width = cell + 4 b + k cell + (k - 1) b, height = rows cell + (rows - 1) b."""
     S, k = rows[0][0].size[0], len(rows[0]) - 1
-    tile = min(128, S * max(1, 64 // S))
+    tile = min(128, S * -(-64 // S))  # S < 64: the smallest whole factor to 64 px or more
     b = max(2, tile // 16)
     cell, gap = tile + 2 * b, 4 * b
     out = Image.new("RGB", (cell + gap + k * cell + (k - 1) * b, len(rows) * cell + (len(rows) - 1) * b), BACKGROUND)
