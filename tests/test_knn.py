@@ -167,6 +167,27 @@ def test_knn_ties():
             np.testing.assert_array_equal(run_knn(bank, labels, queries, [k], 0.07, 3, chunk)[k], ref)
 
 
+def test_knn_neighbours_in_the_reference_order():
+    """return_neighbours: each query's kmax nearest bank rows, most similar first, equal similarities by increasing
+    bank index (exact ties from repeated one-hot rows, cut at the kmax-th place), whatever the chunk: the neighbours
+    the vote used, which --show draws; the predictions are those without it."""
+    rng = np.random.default_rng(3)
+    e = np.eye(4)
+    bank = np.concatenate([e[rng.integers(0, 4, 30)], rng.normal(size=(30, 4))])
+    queries = np.concatenate([e[rng.integers(0, 4, 6)], rng.normal(size=(6, 4))])
+    labels = torch.as_tensor(rng.integers(0, 3, 60))
+    b, q = knn.prepare_features(torch.as_tensor(bank), torch.as_tensor(queries))
+    sim = q.numpy() @ b.numpy().T
+    ref = np.argsort(-sim, axis=1, kind="stable")[:, :7]
+    kth = np.take_along_axis(sim, ref[:, -1:], axis=1)  # (12, 1)
+    assert ((sim == kth).sum(1) > (np.take_along_axis(sim, ref, axis=1) == kth).sum(1))[:6].all()  # ties cut at 7
+    for chunk in (1, 5, 12):
+        preds, near = knn.knn_classify(b, labels, q, [3, 7], 0.07, 3, chunk, return_neighbours=True)
+        np.testing.assert_array_equal(near.numpy(), ref, err_msg=f"chunk={chunk}")
+        plain = knn.knn_classify(b, labels, q, [3, 7], 0.07, 3, chunk)
+        assert all(torch.equal(preds[k], plain[k]) for k in (3, 7))
+
+
 def test_knn_standardize():
     rng = np.random.default_rng(2)
     # a large offset and scale per dimension: standardising changes the neighbours; dimension 5's std is
