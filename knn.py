@@ -12,7 +12,9 @@ classes, Hungarian), NMI (arithmetic mean normalisation) and ARI; several seeded
 --init takes any checkpoint vit.load_encoder reads: this project's mae.pt / ct.pt (--which ema|online),
 facebookresearch/mae's, the MAE-CT releases, or a release by name (--init maect_base16: downloaded once into
 torch hub's cache, see vit.py). Prints top-1 per k (or the clustering table); with --out_dir, appends a JSON line to
-out_dir/log.txt; with --wandb PROJECT, the numbers are also a W&B run of their own.
+out_dir/log.txt; with --wandb PROJECT, the numbers are also a W&B run of their own. --show N (k-NN, with --out_dir):
+out_dir/neighbours.png, N seeded val queries, each followed by its k nearest train images (k: the smallest --k),
+those of another class framed red, the others green.
 """
 import argparse
 import atexit
@@ -42,13 +44,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import vit
 
 # -----------------------------------------------------------------------------
-# the method: the k-NN vote and k-means on L2-normalised features (REFERENCE §5), their scores, the evaluation crop
+# the method: the k-NN vote and k-means on L2-normalised features (REFERENCE §5), their scores, the evaluation crop,
+# the picture of the neighbours
 
 
 def prepare_features(bank, queries, standardize=False):
@@ -61,10 +64,11 @@ def prepare_features(bank, queries, standardize=False):
 
 
 @torch.no_grad()
-def knn_classify(bank, bank_labels, queries, ks, temperature, num_classes, chunk=1024):
+def knn_classify(bank, bank_labels, queries, ks, temperature, num_classes, chunk=1024, return_neighbours=False):
     """bank (Nb, D) and queries (Nq, D): L2-normalised, same dtype and device; bank_labels (Nb,) int64.
-    Returns {k: predicted class (Nq,)}. The (Nq, Nb) similarity matrix is never built: each block of
-    `chunk` queries, (chunk, Nb), is reduced to its kmax nearest neighbours right away.
+    Returns {k: predicted class (Nq,)}; with return_neighbours also the bank indices of every query's kmax nearest,
+    (Nq, kmax) int64 in the order below (the k nearest are its first k columns). The (Nq, Nb) similarity matrix is
+    never built: each block of `chunk` queries, (chunk, Nb), is reduced to its kmax nearest neighbours right away.
 
     Neighbour order: decreasing similarity, and among equal similarities increasing bank index (torch.topk
     leaves the order of ties unspecified, so ties at the kmax-th place are redone and the kept ones
@@ -74,7 +78,7 @@ def knn_classify(bank, bank_labels, queries, ks, temperature, num_classes, chunk
     kmax = max(ks)
     if kmax > len(bank):
         raise ValueError(f"k = {kmax} is larger than the bank ({len(bank)} images)")
-    preds = {k: [] for k in ks}
+    preds, neighbours = {k: [] for k in ks}, []
     for s in range(0, len(queries), chunk):
         sim = queries[s:s + chunk] @ bank.T  # (c, Nb)
         vals, idx = sim.topk(kmax, dim=1)  # (c, kmax) each
@@ -89,12 +93,14 @@ def knn_classify(bank, bank_labels, queries, ks, temperature, num_classes, chunk
         idx, vals = idx.gather(1, order), vals.gather(1, order)
         order = vals.argsort(dim=1, descending=True, stable=True)
         idx, vals = idx.gather(1, order), vals.gather(1, order)
+        neighbours.append(idx)
         labels, weights = bank_labels[idx], (vals / temperature).exp()  # (c, kmax) each
         for k in ks:
             votes = torch.zeros(len(sim), num_classes, dtype=weights.dtype, device=weights.device)
             votes.scatter_add_(1, labels[:, :k], weights[:, :k])  # (c, classes)
             preds[k].append(votes.argmax(dim=1))
-    return {k: torch.cat(p) for k, p in preds.items()}
+    preds = {k: torch.cat(p) for k, p in preds.items()}
+    return (preds, torch.cat(neighbours)) if return_neighbours else preds
 
 
 def sq_dists_argmin(x, x_sq, centroids, chunk):
@@ -188,6 +194,35 @@ def centre_crop(rng, w, h, crop_pct):
     return [((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)]
 
 
+SAME, OTHER, BACKGROUND = (40, 170, 40), (220, 30, 30), (255, 255, 255)  # frames: the query's class or not
+
+
+def neighbour_picture(rows, same):
+    """rows: per query, its crop then its k neighbours' (PIL RGB, S x S each, as the encoder saw them); same: per
+    query, k bools (that neighbour is of the query's class). -> one PIL image, a row per query: the query, a gap, the
+    neighbours in order, each framed green (same class) or red (another). Tiles are at least 64 px so that CIFAR's
+    32 px stay visible (upscaled by a whole factor, NEAREST: every pixel as it is) and at most 128 px so that a
+    224 px encoder's picture stays small (downscaled, bicubic). Every cell is tile + 2 b square (b: the frame), cells
+    b apart, the neighbours another 3 b further from the query:
+    width = cell + 4 b + k cell + (k - 1) b, height = rows cell + (rows - 1) b."""
+    S, k = rows[0][0].size[0], len(rows[0]) - 1
+    tile = min(128, S * -(-64 // S))  # S < 64: the smallest whole factor to 64 px or more
+    b = max(2, tile // 16)
+    cell, gap = tile + 2 * b, 4 * b
+    out = Image.new("RGB", (cell + gap + k * cell + (k - 1) * b, len(rows) * cell + (len(rows) - 1) * b), BACKGROUND)
+    draw = ImageDraw.Draw(out)
+    for r, (crops, marks) in enumerate(zip(rows, same)):
+        y = r * (cell + b)
+        for i, crop in enumerate(crops):  # i = 0: the query, unframed
+            x = 0 if i == 0 else cell + gap + (i - 1) * (cell + b)
+            if i:
+                draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=SAME if marks[i - 1] else OTHER)
+            if tile != S:
+                crop = crop.resize((tile, tile), Image.NEAREST if tile > S else Image.BICUBIC)
+            out.paste(crop, (x + b, y + b))
+    return out
+
+
 # -----------------------------------------------------------------------------
 # flags
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -204,12 +239,15 @@ parser.add_argument("--k", type=int, nargs="+", default=[10, 20], help="neighbou
 parser.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(sim / T)")
 parser.add_argument("--standardize", type=int, default=0, help="1: standardise with the bank's mean / std first")
 parser.add_argument("--chunk", type=int, default=1024, help="queries per similarity block (chunk x bank x 4 bytes)")
+parser.add_argument("--show", type=int, default=0,
+                    help="k-NN: out_dir/neighbours.png, this many val queries (drawn with --seed) each followed by its "
+                    "k nearest train images (k: the smallest --k), another class framed red (0: off)")
 parser.add_argument("--kmeans", type=int, nargs="?", const=0, default=None,
                     help="cluster instead of k-NN: into this many clusters (no value: as many as classes)")
 parser.add_argument("--split", default="val", choices=["val", "train"], help="k-means: the images to cluster")
 parser.add_argument("--kmeans_runs", type=int, default=5, help="k-means: seeded runs (seeds seed, seed + 1, ...)")
 parser.add_argument("--kmeans_iters", type=int, default=300, help="k-means: the cap on Lloyd's iterations")
-parser.add_argument("--seed", type=int, default=0, help="k-means: the first run's seed")
+parser.add_argument("--seed", type=int, default=0, help="k-means: the first run's seed; --show: the queries' draw")
 parser.add_argument("--batch_size", type=int, default=256, help="images per feature-extraction step, all processes")
 parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
 parser.add_argument("--compile", type=int, default=0)
@@ -223,16 +261,41 @@ parser.add_argument("--wandb_run", default="", help="--wandb: the W&B run's name
 
 
 # -----------------------------------------------------------------------------
-def classify(args, bank, bank_labels, queries, labels, classes, info):
-    """Rank 0: the k-NN vote for every k at once, the top-1 table, the log line."""
+def classify(args, bank, bank_labels, queries, labels, classes, info, sets):
+    """Rank 0: the k-NN vote for every k at once, the top-1 table, --show's picture, the log line."""
     ks = sorted(set(args.k))
-    preds = knn_classify(bank, bank_labels, queries, ks, args.temperature, classes, args.chunk)
+    preds, neighbours = knn_classify(bank, bank_labels, queries, ks, args.temperature, classes, args.chunk,
+                                     return_neighbours=True)
     top1 = {k: 100.0 * (preds[k] == labels).double().mean().item() for k in ks}
     print(f"{'k':>5}  top-1 (%)")
     for k in ks:
         print(f"{k:>5}  {top1[k]:.2f}")
+    shown = show_neighbours(args, neighbours, bank_labels, labels, sets) if args.show else {}
     log_result(args, "knn", dict(knn_top1={str(k): round(top1[k], 4) for k in ks}, temperature=args.temperature,
-                                 standardize=args.standardize, bank=len(bank), queries=len(queries), **info))
+                                 standardize=args.standardize, bank=len(bank), queries=len(queries), **shown, **info))
+
+
+def show_neighbours(args, neighbours, bank_labels, labels, sets):
+    """Rank 0, --show N: N val queries (all if fewer) drawn with --seed, in val order, each with the k nearest bank
+    images that voted for it (k: the smallest --k; knn_classify's neighbours, in its order), drawn into
+    out_dir/neighbours.png. neighbours (Nq, kmax), bank_labels (Nb,), labels (Nq,). -> the log line's entries"""
+    k, n = min(args.k), min(args.show, len(labels))
+    picked = sorted(random.Random(args.seed).sample(range(len(labels)), n))
+    entry = dict(show=args.show, show_k=k, show_queries=picked)
+    if len(bank_labels) != len(sets[0]) or len(labels) != len(sets[1]):
+        tqdm.write("warning: --show: no picture: unreadable images were left out, so the features no longer say which "
+                   "file each one is", file=sys.stderr)
+        return entry
+    for ds in sets:  # the loaders are done: every crop resized in one resample, as the encoder saw it on the CPU
+        ds.resize = True
+    crop = lambda ds, j: ds.load(j, lambda w, h: ds.boxes(None, w, h))[0][0]  # noqa: E731  (a PIL image, S x S)
+    near = neighbours[picked, :k]  # (n, k)
+    rows = [[crop(sets[1], q)] + [crop(sets[0], j) for j in row] for q, row in zip(picked, near.tolist())]
+    same = (bank_labels[near] == labels[picked][:, None]).tolist()  # (n, k)
+    path = os.path.join(args.out_dir, "neighbours.png")
+    save_atomic(neighbour_picture(rows, same), path)
+    print(f"wrote {path}")
+    return dict(entry, neighbours_png="neighbours.png")
 
 
 def cluster(args, feats, labels, clusters, info):
@@ -259,11 +322,14 @@ def cluster(args, feats, labels, clusters, info):
 def main(args):
     check_flags(args, [
         ("k batch_size chunk kmeans_runs kmeans_iters", ">= 1", lambda v: v >= 1),
-        ("img_size heads", ">= 0", lambda v: v >= 0),
+        ("img_size heads show", ">= 0", lambda v: v >= 0),
         ("temperature", "> 0", lambda v: v > 0),
         ("crop_pct", "in (0, 1]", lambda v: 0 < v <= 1),
         ("standardize", "0 or 1", lambda v: v in (0, 1)),
     ] + [("kmeans", ">= 1 clusters (no value: as many as classes)", lambda v: v >= 0)] * (args.kmeans is not None))
+    if args.show and (args.kmeans is not None or not args.out_dir):  # a k-NN picture, written to out_dir
+        fail("--show draws k-NN neighbours: not with --kmeans" if args.kmeans is not None else
+             "--show needs --out_dir (the picture is written to out_dir/neighbours.png)")
     ddp, ddp_rank, ddp_world_size, device, dtype, autocast = compute_init(args, tf32=False)  # exact similarities
     master_process = ddp_rank == 0
     if args.batch_size % ddp_world_size != 0:
@@ -305,7 +371,7 @@ def main(args):
     if master_process:  # every rank holds all features; rank 0 computes (k-means of 1.28M into 1,000: minutes)
         if args.kmeans is None:
             bank, queries = prepare_features(feats[0][0], feats[1][0], standardize=bool(args.standardize))
-            classify(args, bank, feats[0][1], queries, feats[1][1], len(classes), info)
+            classify(args, bank, feats[0][1], queries, feats[1][1], len(classes), info, sets)
         else:
             cluster(args, F.normalize(feats[0][0], dim=1), feats[0][1], clusters, info)
 

@@ -1,9 +1,9 @@
 """
 The whole MAE-CT pipeline in one command: MAE pretraining -> NNCLR head -> contrastive tuning ->
 k-NN, linear probe and low-shot logistic regression of both the MAE and the MAE-CT encoder, ending
-in a markdown table (out_dir/results.md). Every stage is the stage script itself, run as a
-subprocess (under torchrun with --nproc > 1), and checkpoints pass between them by path, so each
-stage's own output stays usable on its own.
+in a markdown table (out_dir/results.md) and, side by side, each encoder's k-NN neighbours of the same val
+images (knn.py --show). Every stage is the stage script itself, run as a subprocess (under torchrun with
+--nproc > 1), and checkpoints pass between them by path, so each stage's own output stays usable on its own.
 
     python pipeline.py                                   # a small generated image folder, tiny ViT, a few CPU minutes
     python pipeline.py --data_path ../shared/data/cifar10 --out_dir out/cifar10 ...  # README: the CIFAR-10 recipe
@@ -60,11 +60,14 @@ parser.add_argument("--num_workers", type=int, default=0,
 parser.add_argument("--device", default="auto")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--kmeans_runs", type=int, default=5, help="k-means clustering: seeded runs per encoder (0: skip)")
+parser.add_argument("--show", type=int, default=8,
+                    help="k-NN: val queries in each encoder's picture of neighbours (knn.py --show), the same images "
+                    "for both, side by side in results.md (0: none)")
 for stage in ("mae", "head", "ct", "knn", "probe", "logreg", "kmeans"):
     parser.add_argument(f"--{stage}_args", default="", help=f"extra flags for the {stage} stage, e.g. \"--blr 1e-3\"")
 args = parser.parse_args()
-if args.lowshot < 0 or (args.lowshot and args.lowshot_splits < 1) or args.kmeans_runs < 0:
-    sys.exit("error: --lowshot and --kmeans_runs must be >= 0, --lowshot_splits >= 1")
+if args.lowshot < 0 or (args.lowshot and args.lowshot_splits < 1) or args.kmeans_runs < 0 or args.show < 0:
+    sys.exit("error: --lowshot, --kmeans_runs and --show must be >= 0, --lowshot_splits >= 1")
 
 
 def make_image_folder(root, classes=4, per_class=128, val_per_class=64, size=32, seed=0):
@@ -110,8 +113,8 @@ def stop_between_stages(signum, frame):  # a signal while no stage runs ends pip
 
 HERE = os.path.dirname(os.path.abspath(__file__))  # the stage scripts sit next to this one
 IGNORED = {"--num_workers", "--device", "--resume", "--log_interval", "--ckpt_interval", "--keep_last",
-           "--eval_interval", "--tensorboard", "--wandb", "--wandb_run",
-           "--compile"}  # flags that do not change a stage's result
+           "--eval_interval", "--tensorboard", "--wandb", "--wandb_run", "--compile",
+           "--show"}  # flags that do not change a stage's result
 
 
 PATHS = {"--data_path", "--out_dir", "--init", "--head"}  # compared as the folders they name, however written
@@ -192,6 +195,19 @@ def write_atomic(path, text):  # a temp file renamed: a full disk leaves the pre
         fail(f"cannot write {path}: {e.strerror} (the stages' outputs are intact)")
 
 
+def knn_done(log_path, show):
+    """A k-NN stage is done when its log holds its result and, with --show N, the picture of N queries: --show
+    changes no number (it is not compared with the recorded flags), so another N runs the k-NN again."""
+    entry = last_entry(log_path, "knn_top1")
+    return entry is not None and (not show or entry.get("show") == show)
+
+
+def last_value(flags, name, default):
+    """A flag's value in a list of flags as argparse reads it: the last occurrence wins."""
+    values = [v for f, v in zip(flags, flags[1:]) if f == name]
+    return values[-1] if values else default
+
+
 def last_entry(log_path, key):
     """The last JSON line of a stage's log.txt that has `key`, or None."""
     if not os.path.exists(log_path):
@@ -219,7 +235,7 @@ except Stopped:
 except OSError as e:
     fail(f"cannot write {e.filename or data}: {e.strerror} (run the same command to continue)")
 common = ["--data_path", data, "--num_workers", args.num_workers, "--device", args.device]
-seed = ["--seed", args.seed]  # knn.py draws nothing at random
+seed = ["--seed", args.seed]  # not given to knn.py: its --seed (k-means starts, --show's queries) keeps its default
 model = ["--model", args.model, "--img_size", args.img_size, "--patch_size", args.patch_size, "--dim", args.dim,
          "--depth", args.depth, "--heads", args.heads]
 extra = {s: shlex.split(getattr(args, f"{s}_args")) for s in ("mae", "head", "ct", "knn", "probe", "logreg", "kmeans")}
@@ -227,6 +243,7 @@ if not args.data_path:  # the generated folder's recipe: 512 images, a few hundr
     for s, flags in (("mae", "--views 1 --blr 1e-3 --warmup_epochs 2"), ("head", "--queue_size 256 --blr 4e-4"),
                      ("ct", "--blr 8e-3 --head_blr 8e-3 --encoder_ema 0.9 --topk 1")):
         extra[s] = shlex.split(flags) + extra[s]
+show = int(last_value(extra["knn"], "--show", args.show))  # what knn.py gets: --knn_args "--show N" wins
 times = {}
 t_start = time.time()
 
@@ -246,14 +263,14 @@ try:
         "--batch_size", args.batch_size, "--pool", args.pool, "--resume", "auto", *extra["ct"])
 
     # 4: the evaluations of both encoders, each skipped when its log holds its result
-    results = {}
+    results, pictures = {}, {}
     splits = range(args.seed, args.seed + args.lowshot_splits) if args.lowshot else ()
     for enc, ckpt in (("MAE", mae_pt), ("MAE-CT", ct_pt)):
         ev = os.path.join(args.out_dir, f"eval_{enc.lower().replace('-', '')}")
         knn_log, probe_log, kmeans_log = (os.path.join(ev, d, "log.txt") for d in ("knn", "probe", "kmeans"))
         logreg_logs = [os.path.join(ev, f"logreg_s{s}", "log.txt") for s in splits]
         evaluate = [*common, "--init", ckpt, "--pool", args.pool, "--crop_pct", args.crop_pct]
-        run(f"k-NN {enc}", lambda: last_entry(knn_log, "knn_top1"), "knn.py", *evaluate,
+        run(f"k-NN {enc}", lambda: knn_done(knn_log, show), "knn.py", *evaluate, "--show", args.show,
             "--out_dir", os.path.dirname(knn_log), *extra["knn"])
         if args.kmeans_runs:
             run(f"k-means {enc}", lambda: last_entry(kmeans_log, "kmeans"), "knn.py", *evaluate, "--kmeans",
@@ -265,7 +282,11 @@ try:
             run(f"low-shot {enc}, split {split_seed}", lambda: last_entry(logreg_log, "logreg_top1"), "probe.py",
                 *evaluate, "--seed", split_seed, "--logreg", 1, "--per_class", args.lowshot,
                 "--out_dir", os.path.dirname(logreg_log), *extra["logreg"])
-        knn = last_entry(knn_log, "knn_top1")["knn_top1"]
+        knn_entry = last_entry(knn_log, "knn_top1")
+        knn = knn_entry["knn_top1"]
+        if show and "neighbours_png" in knn_entry:  # the picture's path from results.md, and what it shows
+            pictures[enc] = (os.path.relpath(os.path.join(os.path.dirname(knn_log), knn_entry["neighbours_png"]),
+                                             args.out_dir), len(knn_entry["show_queries"]), knn_entry["show_k"])
         lowshot = [last_entry(p, "logreg_top1")["logreg_top1"] for p in logreg_logs]
         kmeans = last_entry(kmeans_log, "kmeans")["kmeans"] if args.kmeans_runs else {}
         results[enc] = dict(knn10=knn.get("10"), knn20=knn.get("20"),
@@ -293,6 +314,11 @@ lines.append("| Δ | " + " | ".join(
 val = os.path.join(data, "val")  # as the user gave it
 lines += ["", f"top-1, ACC and NMI (%) on {val}; pooling {args.pool}; command: python "
           f"{' '.join(shlex.quote(a) for a in sys.argv)}"]
+if len(pictures) == 2:  # paths relative to results.md (in out_dir): the pictures show wherever out_dir is read
+    (mae_png, n, k), (ct_png, _, _) = pictures["MAE"], pictures["MAE-CT"]
+    lines += ["", f"k-NN neighbours: {n} val images (the same for both encoders), each followed by its {k} nearest "
+              "train images, most similar first; a red frame: another class than the query's, green: the same", "",
+              "| MAE encoder | MAE-CT encoder |", "|---|---|", f"| ![MAE]({mae_png}) | ![MAE-CT]({ct_png}) |"]
 if times:
     lines += ["", "| stage (this invocation) | wall time |", "|---|---|"]
     lines += [f"| {k} | {v / 60:.1f} min |" for k, v in times.items()]

@@ -173,7 +173,7 @@ BAD_FLAGS = {
                  ("warmup_epochs", "-3.0", "-1 or >= 0"), ("cached", "2", "0 or 1")],
     "knn.py": [("k", "0 10", ">= 1"), ("batch_size", "0", ">= 1"), ("chunk", "0", ">= 1"),
                ("temperature", "0.0", "> 0"), ("crop_pct", "0.0", "in (0, 1]"), ("num_workers", "-1", ">= 0"),
-               ("img_size", "-1", ">= 0"), ("standardize", "2", "0 or 1")],
+               ("img_size", "-1", ">= 0"), ("standardize", "2", "0 or 1"), ("show", "-1", ">= 0")],
 }
 ONE_BY_ONE = ([("mae_pretrain.py", "mask_ratio", "0.0", "in (0, 1)"),
                ("mae_pretrain.py", "mask_ratio", "1.0", "in (0, 1)"),

@@ -2,6 +2,7 @@
 standardisation), the whole script against features computed here, 1 vs 2 processes, clear errors."""
 import json
 import os
+import random
 import sys
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, make_image_folder, run_torchrun
+from conftest import ROOT, make_image_folder, run_script, run_torchrun
 
 sys.path.insert(0, ROOT)
 import knn  # noqa: E402
@@ -166,6 +167,27 @@ def test_knn_ties():
             np.testing.assert_array_equal(run_knn(bank, labels, queries, [k], 0.07, 3, chunk)[k], ref)
 
 
+def test_knn_neighbours_in_the_reference_order():
+    """return_neighbours: each query's kmax nearest bank rows, most similar first, equal similarities by increasing
+    bank index (exact ties from repeated one-hot rows, cut at the kmax-th place), whatever the chunk: the neighbours
+    the vote used, which --show draws; the predictions are those without it."""
+    rng = np.random.default_rng(3)
+    e = np.eye(4)
+    bank = np.concatenate([e[rng.integers(0, 4, 30)], rng.normal(size=(30, 4))])
+    queries = np.concatenate([e[rng.integers(0, 4, 6)], rng.normal(size=(6, 4))])
+    labels = torch.as_tensor(rng.integers(0, 3, 60))
+    b, q = knn.prepare_features(torch.as_tensor(bank), torch.as_tensor(queries))
+    sim = q.numpy() @ b.numpy().T
+    ref = np.argsort(-sim, axis=1, kind="stable")[:, :7]
+    kth = np.take_along_axis(sim, ref[:, -1:], axis=1)  # (12, 1)
+    assert ((sim == kth).sum(1) > (np.take_along_axis(sim, ref, axis=1) == kth).sum(1))[:6].all()  # ties cut at 7
+    for chunk in (1, 5, 12):
+        preds, near = knn.knn_classify(b, labels, q, [3, 7], 0.07, 3, chunk, return_neighbours=True)
+        np.testing.assert_array_equal(near.numpy(), ref, err_msg=f"chunk={chunk}")
+        plain = knn.knn_classify(b, labels, q, [3, 7], 0.07, 3, chunk)
+        assert all(torch.equal(preds[k], plain[k]) for k in (3, 7))
+
+
 def test_knn_standardize():
     rng = np.random.default_rng(2)
     # a large offset and scale per dimension: standardising changes the neighbours; dimension 5's std is
@@ -236,6 +258,96 @@ def test_knn_errors(tmp_path, capsys):
     (tmp_path / "data" / "val" / "class_1" / "zz.jpg").write_bytes(b"not a jpeg")
     line = error_line(capsys, main_knn, "--data_path", data, "--init", enc, "--k", 1, "--num_workers", 0)
     assert "unreadable image" in line and "zz.jpg" in line
+
+
+# -----------------------------------------------------------------------------
+# --show: the picture of the neighbours
+
+def folder_files(split_dir):
+    """The image files of a split in dataset order (class folders, then files, by name)."""
+    return [os.path.join(split_dir, c, f) for c in sorted(os.listdir(split_dir))
+            for f in sorted(os.listdir(os.path.join(split_dir, c)))]
+
+
+def expected_picture(rows, same):
+    """The documented layout, built here from the files' pixels: 32 px crops upscaled x2 to 64 px tiles, frames b = 4,
+    cells 72 px, b apart, the neighbours 4 b from the query; the query unframed, a neighbour green or red."""
+    tile, b, k = 64, 4, len(rows[0]) - 1
+    cell = tile + 2 * b
+    out = np.full((len(rows) * cell + (len(rows) - 1) * b, cell + 4 * b + k * cell + (k - 1) * b, 3), 255, np.uint8)
+    for r, (files, marks) in enumerate(zip(rows, same)):
+        y = r * (cell + b)
+        for i, f in enumerate(files):
+            x = 0 if i == 0 else cell + 4 * b + (i - 1) * (cell + b)
+            if i:
+                out[y:y + cell, x:x + cell] = (40, 170, 40) if marks[i - 1] else (220, 30, 30)
+            px = np.asarray(Image.open(f).convert("RGB"))  # (32, 32, 3): crop_pct 1 at img_size 32 is the file
+            out[y + b:y + b + tile, x + b:x + b + tile] = px.repeat(2, axis=0).repeat(2, axis=1)
+    return out
+
+
+def test_knn_show_draws_the_neighbours_that_voted(tmp_path):
+    """knn.py --show 3 --k 3 2 as a user runs it: out_dir/neighbours.png is exactly the picture built here, pixel
+    for pixel: the 3 val images drawn with --seed (in val order), each followed by its 2 (the smallest k) nearest
+    train images by a float64 reference on features computed here, most similar first, framed red exactly where the
+    class differs."""
+    data = noise_folder(tmp_path / "data")
+    enc = make_encoder(tmp_path / "enc.pt", seed=1)
+    out = tmp_path / "out"
+    p = run_script("knn.py", "--data_path", data, "--init", enc, "--k", "3", "2", "--show", "3", "--seed", "4",
+                   "--crop_pct", "1", "--num_workers", "0", "--batch_size", "4", "--out_dir", str(out),
+                   "--device", "cpu")
+    assert f"wrote {out / 'neighbours.png'}" in p.stdout
+    entry = json.loads((out / "log.txt").read_text())
+    picked = sorted(random.Random(4).sample(range(15), 3))
+    assert entry["show_queries"] == picked and entry["show"] == 3 and entry["show_k"] == 2
+    assert entry["neighbours_png"] == "neighbours.png"
+    bank, bl = folder_features(enc, os.path.join(data, "train"))
+    queries, ql = folder_features(enc, os.path.join(data, "val"))
+    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    train, val = folder_files(os.path.join(data, "train")), folder_files(os.path.join(data, "val"))
+    rows, same = [], []
+    for q in picked:
+        sim = bank @ queries[q]
+        near = np.argsort(-sim, kind="stable")[:3]
+        assert np.diff(-sim[near]).min() > 1e-4, "a near tie: float32 and float64 could order it differently"
+        rows.append([val[q]] + [train[j] for j in near[:2]])
+        same.append([bl[j] == ql[q] for j in near[:2]])
+    assert {m for row in same for m in row} == {True, False}  # both frames are drawn
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "neighbours.png")), expected_picture(rows, same))
+
+
+def test_knn_show_two_processes_give_the_same_png(tmp_path):
+    data = noise_folder(tmp_path / "data")  # 21 bank / 15 queries: shards of unequal size
+    enc = make_encoder(tmp_path / "enc.pt", seed=2)
+    args = ["--data_path", data, "--init", enc, "--k", 2, "--show", 3, "--crop_pct", 0.875, "--num_workers", 0,
+            "--batch_size", 4]
+    main_knn(*args, "--out_dir", tmp_path / "one")
+    run_torchrun(2, "knn.py", *map(str, args), "--out_dir", str(tmp_path / "two"), "--device", "cpu")
+    one, two = ((tmp_path / d / "neighbours.png").read_bytes() for d in ("one", "two"))
+    assert one == two and Image.open(tmp_path / "one" / "neighbours.png").size == (236, 224)
+
+
+def test_knn_show_refusals_and_left_out_images(tmp_path, capsys):
+    """--show with --kmeans, or without --out_dir: one line, exit 2, before anything is written. With unreadable
+    images left out (--skip_bad_images 1) the features no longer name their files: a warning, no picture, the result."""
+    data = noise_folder(tmp_path / "data", per_class=3, val_per_class=2)
+    enc = make_encoder(tmp_path / "enc.pt")
+    base = ["--data_path", data, "--init", enc, "--k", 2, "--show", 3, "--crop_pct", 1, "--num_workers", 0]
+    for extra, want in ((["--kmeans", "--out_dir", tmp_path / "km"], "error: --show draws k-NN neighbours: not with "
+                         "--kmeans"), ([], "error: --show needs --out_dir (the picture is written to "
+                                       "out_dir/neighbours.png)")):
+        with pytest.raises(SystemExit) as e:
+            main_knn(*base, *extra)
+        assert e.value.code == 2 and capsys.readouterr().err == want + "\n"
+    assert not (tmp_path / "km").exists()
+    (tmp_path / "data" / "train" / "c1" / "zz.png").write_bytes(b"not a png")
+    main_knn(*base, "--skip_bad_images", 1, "--out_dir", tmp_path / "out")
+    assert "warning: --show: no picture: unreadable images were left out" in capsys.readouterr().err
+    entry = json.loads((tmp_path / "out" / "log.txt").read_text())
+    assert entry["bank"] == 9 and entry["show"] == 3 and "neighbours_png" not in entry
+    assert not (tmp_path / "out" / "neighbours.png").exists()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -10,6 +10,7 @@ import time
 
 import pytest
 from conftest import ROOT, run_script
+from PIL import Image
 
 TINY = ["--model", "vit_micro", "--dim", "32", "--depth", "2", "--heads", "2", "--dec_dim", "32", "--dec_depth", "1",
         "--dec_heads", "2", "--batch_size", "32", "--mae_epochs", "1", "--head_epochs", "1", "--ct_epochs", "1",
@@ -43,10 +44,25 @@ def test_pipeline_runs_every_stage_and_writes_the_table(tmp_path):
         assert all(e["n_train"] == 8 for e in splits)  # 2 per class, 4 classes
         assert abs(nums[col][3] - sum(e["logreg_top1"] for e in splits) / 2) <= 0.051
     assert "| total |" in table
+    # below the table, side by side, the k-NN pictures of both encoders (--show 8, k = 10): the same val images
+    assert "\n| MAE encoder | MAE-CT encoder |\n|---|---|\n| ![MAE](eval_mae/knn/neighbours.png) | " \
+           "![MAE-CT](eval_maect/knn/neighbours.png) |\n" in table
+    assert "k-NN neighbours: 8 val images (the same for both encoders), each followed by its 10 nearest" in table
+    shown = [json.loads((out / f"eval_{enc}" / "knn" / "log.txt").read_text()) for enc in ("mae", "maect")]
+    assert shown[0]["show_queries"] == shown[1]["show_queries"] and len(shown[0]["show_queries"]) == 8
+    for enc in ("mae", "maect"):  # 32 px crops in 64 px tiles, cells of 72 px 4 px apart: 8 rows, 1 + 10 columns
+        assert Image.open(out / f"eval_{enc}" / "knn" / "neighbours.png").size == (72 + 16 + 10 * 72 + 9 * 4,
+                                                                                 8 * 72 + 7 * 4)
     # the same command again: every stage's output exists, nothing runs, the same numbers
     again = run_script("pipeline.py", "--out_dir", out, *TINY, timeout=300)
     assert "===" not in again.stdout and "| total |" not in (out / "results.md").read_text()
     assert all(line in (out / "results.md").read_text() for line in table.splitlines()[:5])
+    # another --show changes no number: not refused; the two k-NN stages alone run again and draw 3 rows
+    again = run_script("pipeline.py", "--out_dir", out, *TINY, "--show", "3", timeout=300)
+    assert re.findall(r"^=== (.*?):", again.stdout, re.M) == ["k-NN MAE", "k-NN MAE-CT"]
+    assert all(line in (out / "results.md").read_text() for line in table.splitlines()[:5])
+    assert "k-NN neighbours: 3 val images" in (out / "results.md").read_text()
+    assert Image.open(out / "eval_maect" / "knn" / "neighbours.png").size[1] == 3 * 72 + 2 * 4
 
 
 @pytest.mark.parametrize("to", ["group", "stage"])
