@@ -731,13 +731,16 @@ class Watchdog:
                    f"{' '.join(map(str, workers)) or 'none'}; the Python stacks follow", file=sys.stderr)
         sys.stderr.write(f"--- the main process, pid {os.getpid()} (the current thread is this watchdog's):\n")
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-        for p in workers:  # each dumps its own stack (quiet_worker registered SIGUSR2 for that), then is killed
-            sys.stderr.write(f"--- worker pid {p}:\n")
-            sys.stderr.flush()
-            os.kill(p, signal.SIGUSR2)
-            time.sleep(0.5)
-        for p in workers:
-            os.kill(p, signal.SIGKILL)
+        for sig in (signal.SIGUSR2, signal.SIGKILL):  # each worker dumps its stack (quiet_worker registered SIGUSR2
+            for p in workers:  # for that), then is killed
+                if sig == signal.SIGUSR2:
+                    sys.stderr.write(f"--- worker pid {p}:\n")
+                    sys.stderr.flush()
+                try:
+                    os.kill(p, sig)
+                except ProcessLookupError:  # it ended meanwhile: this thread must still reach the exit
+                    continue
+                time.sleep(0.5 if sig == signal.SIGUSR2 else 0)
         os._exit(3)
 
 
